@@ -1,0 +1,121 @@
+"""Checkpoints: one safetensors blob of tensors (weights, optimiser state, RNG states) whose
+metadata holds everything else as JSON (config, epoch, metrics) and a sha256 of the tensors.
+
+Trainers make and read blobs (bytes) and never touch the file system, so a checkpoint can travel
+through Ray to the driver; only the driver writes files, atomically (temporary file, fsync,
+rename, directory fsync), keeping the last two. Nothing here goes through pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ensemble.errors import CheckpointError
+
+FORMAT = "ensemble/1"
+KEEP = 2  # checkpoints kept per model: the newest, and one to fall back on if it is damaged
+_NAME = re.compile(r"epoch-(\d+)\.safetensors")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        t = tensors[key].contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def dumps(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+    """Serialise tensors (moved to CPU) and JSON-ready metadata into one safetensors blob."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return st_save(cpu, metadata={"format": FORMAT, "sha256": _digest(cpu),
+                                  "meta": json.dumps(meta)})
+
+
+def read_meta(blob: bytes) -> dict:
+    """The metadata of a blob, without loading its tensors."""
+    try:
+        (size,) = struct.unpack("<Q", blob[:8])
+        header = json.loads(blob[8:8 + size])
+        extra = header["__metadata__"]
+        if extra.get("format") != FORMAT:
+            raise ValueError("not an ensemble checkpoint")
+        return json.loads(extra["meta"])
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError("not a checkpoint of this project (unreadable safetensors "
+                              "header or metadata)") from None
+
+
+def loads(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors on CPU, metadata) of a blob; raise CheckpointError if damaged or foreign."""
+    meta = read_meta(blob)
+    try:
+        tensors = st_load(blob)
+        (size,) = struct.unpack("<Q", blob[:8])
+        expected = json.loads(blob[8:8 + size])["__metadata__"]["sha256"]
+    except Exception:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError("checkpoint is damaged (its tensors cannot be read)") from None
+    if _digest(tensors) != expected:
+        raise CheckpointError("checkpoint is damaged (sha256 of its tensors does not match)")
+    return tensors, meta
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def epochs_in(folder: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of the checkpoints in a folder, newest first."""
+    if not Path(folder).is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in Path(folder).iterdir() if (m := _NAME.fullmatch(p.name))]
+    return sorted(found, reverse=True)
+
+
+def save_epoch(folder: Path, epoch: int, blob: bytes, keep: int = KEEP) -> Path:
+    """Write the checkpoint of `epoch` into `folder` and drop all but the newest `keep`."""
+    path = Path(folder) / f"epoch-{epoch:04d}.safetensors"
+    write_atomic(path, blob)
+    for _, old in epochs_in(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest(folder: Path) -> tuple[bytes, dict] | None:
+    """(blob, metadata) of the newest readable checkpoint in `folder`, falling back to older
+    ones when the newest is damaged; None if the folder holds none; CheckpointError if all are
+    damaged."""
+    found = epochs_in(folder)
+    problems = []
+    for _, path in found:
+        blob = path.read_bytes()
+        try:
+            _, meta = loads(blob)
+            return blob, meta
+        except CheckpointError as err:
+            problems.append(f"{path.name}: {err}")
+    if problems:
+        raise CheckpointError(f"no readable checkpoint in {folder} ({'; '.join(problems)})")
+    return None

@@ -1,0 +1,339 @@
+"""Typed run configuration: frozen dataclasses, YAML files, dotted overrides, one validation pass.
+
+A config file is YAML whose keys mirror the dataclasses below; every key is optional (the
+defaults are the paper's where it has one). `--set students.distilled.temperature=8` overrides a
+key. Everything is checked before any work starts: unknown keys (with a suggestion), wrong types
+and values out of range each raise one `ConfigError` naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ensemble.errors import ConfigError
+
+NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["mnist", "fashion-mnist", "cifar10", "cifar100"] = "mnist"
+    val_size: int = 10_000  # the last 10,000 training images (MNIST's classic validation split); 0 = none
+    train_size: int = 0  # 0 = every remaining training image; fewer for quick checks
+    download: bool = True  # fetch through torchvision when no local copy is found (needs network)
+
+    def __post_init__(self):
+        _require(self.val_size >= 0, "val_size", "must be >= 0", self.val_size)
+        _require(self.train_size >= 0, "train_size", "must be >= 0", self.train_size)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: Literal["mlp", "cnn"] = "mlp"  # mlp: the paper's nets (§3); cnn: a small net for 32x32 colour
+    hidden: tuple[int, ...] = (1200, 1200)  # §3 teacher: 784-1200-1200-10; for a cnn, channels per block
+    dropout_in: float = 0.2  # Hinton et al. 2012: 20% input dropout on MNIST
+    dropout_hidden: float = 0.5  # Hinton et al. 2012: 50% hidden dropout
+    max_norm: float = 0.0  # bound on each unit's incoming weight norm (2012: squared length 15); 0 = off
+
+    def __post_init__(self):
+        _require(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), "hidden",
+                 "must be a non-empty list of positive widths", list(self.hidden))
+        for key in ("dropout_in", "dropout_hidden"):
+            value = getattr(self, key)
+            _require(0.0 <= value < 1.0, key, "must be in [0, 1)", value)
+        _require(self.max_norm >= 0, "max_norm", "must be >= 0 (0 turns it off)", self.max_norm)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 100  # the paper era's minibatch; 512 trains ~35% faster per sample on 2 CPU cores
+    lr: float = 0.1  # SGD with momentum, as in Hinton et al. 2012
+    momentum: float = 0.9
+    weight_decay: float = 0.0  # dropout and max-norm regularise the paper's nets instead
+    schedule: Literal["constant", "cosine", "exponential"] = "cosine"  # per-epoch learning-rate rule
+    lr_decay: float = 0.95  # per-epoch factor of the exponential schedule (2012 used 0.998 over 3000)
+    jitter: int = 0  # random translation of each image by up to this many pixels; §3 teacher: 2
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _require(self.lr > 0, "lr", "must be > 0", self.lr)
+        _require(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)", self.momentum)
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _require(0.0 < self.lr_decay <= 1.0, "lr_decay", "must be in (0, 1]", self.lr_decay)
+        _require(0 <= self.jitter <= 8, "jitter", "must be between 0 and 8 pixels", self.jitter)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    num_cpus: float = 1  # one torch thread per whole CPU: two 1-thread actors beat one 2-thread one
+    num_gpus: float = 0  # a share of a GPU (0.25 packs four models on one); Ray's bookkeeping only
+    max_restarts: int = 3  # Ray restarts a crashed actor this often; it resumes from its checkpoint
+    max_task_retries: int = 3  # an epoch interrupted by a crash is retried on the restarted actor
+
+    def __post_init__(self):
+        _require(self.num_cpus > 0, "num_cpus", "must be > 0", self.num_cpus)
+        _require(self.num_gpus >= 0, "num_gpus", "must be >= 0", self.num_gpus)
+        _require(self.num_gpus <= 1 or float(self.num_gpus).is_integer(), "num_gpus",
+                 "must be a whole number when above 1 (Ray's rule)", self.num_gpus)
+        _require(self.max_restarts >= 0, "max_restarts", "must be >= 0", self.max_restarts)
+        _require(self.max_task_retries >= 0, "max_task_retries", "must be >= 0",
+                 self.max_task_retries)
+
+    @property
+    def threads(self) -> int:
+        """Torch threads for a model with this share: one per whole CPU, at least one."""
+        return max(1, int(self.num_cpus))
+
+
+@dataclass(frozen=True)
+class GeneralistsConfig:
+    count: int = 1  # models of the same recipe with seeds seed, seed+1, ...; trained in parallel
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(jitter=2))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        _require(self.count >= 1, "count", "must be >= 1", self.count)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        hidden=(800, 800), dropout_in=0.0, dropout_hidden=0.0))  # §3: 784-800-800-10, no regulariser
+    train: TrainConfig = field(default_factory=TrainConfig)  # §3: the untranslated training set
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    temperature: float = 20.0  # §3: 2x800 students did equally well for any T above 8
+    alpha: float = 0.9  # weight of the soft targets; §2: a much lower weight on hard labels is best
+    teacher_mean: Literal["probs", "logits"] = "probs"  # average the generalists' probabilities or logits
+    drop_classes: tuple[int, ...] = ()  # transfer-set filter: classes never shown (§3: no 3s)
+    keep_classes: tuple[int, ...] = ()  # transfer-set filter: only these classes (§3: 7s and 8s)
+
+    def __post_init__(self):
+        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]", self.alpha)
+        _require(not (self.drop_classes and self.keep_classes), "keep_classes",
+                 "cannot be combined with drop_classes", list(self.keep_classes))
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha > 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"  # names the run directory: runs/<name>-<timestamp>
+    seed: int = 0  # generalist i uses seed + i; students use seed + 1000 + their index
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where torch sees a GPU, else CPU
+    data: DataConfig = field(default_factory=DataConfig)
+    generalists: GeneralistsConfig = field(default_factory=GeneralistsConfig)
+    students: dict[str, StudentConfig] = field(default_factory=dict)  # name -> recipe; may be empty
+
+    def __post_init__(self):
+        _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",
+                 "must use only letters, digits, '.', '_' and '-'", self.name)
+        classes = NUM_CLASSES[self.data.name]
+        for name, student in self.students.items():
+            _require(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, f"students.{name}",
+                     "must be named with letters, digits, '_' and '-' only", name)
+            for key in ("drop_classes", "keep_classes"):
+                chosen = getattr(student, key)
+                _require(all(0 <= c < classes for c in chosen), f"students.{name}.{key}",
+                         f"must hold class indices in [0, {classes})", list(chosen))
+            kept = (set(student.keep_classes) if student.keep_classes
+                    else set(range(classes)) - set(student.drop_classes))
+            _require(bool(kept), f"students.{name}.drop_classes",
+                     "must leave at least one class in the transfer set", list(student.drop_classes))
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.data.name]
+
+
+# ---------------------------------------------------------------- building from YAML -------------
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(get_args(tp)[0])}s"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp))
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(tp: Any, value: Any, key: str, base: Any = None) -> Any:
+    origin = get_origin(tp)
+    wrong = ConfigError(f"{key} must be {_describe(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, base)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise wrong
+        return value
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(next(a for a in get_args(tp) if a is not type(None)), value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return tuple(_coerce(get_args(tp)[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        inner = get_args(tp)[1]
+        return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-3 as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    raise TypeError(f"unsupported config type {tp}")  # a bug in this file, not user input
+
+
+def _build(cls: type, raw: Any, path: str, base: Any = None) -> Any:
+    where = path or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {raw!r}")
+    names = [f.name for f in fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{_join(path, close[0])}'?" if close else \
+                f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{_join(path, key)}'{hint}")
+    hints = get_type_hints(cls)
+    base = base if base is not None else cls()
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            kwargs[name] = _coerce(hints[name], raw[name], _join(path, name),
+                                   base=getattr(base, name))
+        else:
+            kwargs[name] = getattr(base, name)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if path and not str(err).startswith(path):
+            raise ConfigError(f"{path}.{err}") from None
+        raise
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config mapping."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got '{item}'")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key}: '{text}' is not a valid YAML value") from None
+        node = raw
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[:depth + 1])}' is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def parse(cls: type, raw: Any, path: str = "") -> Any:
+    """Build and validate config dataclass `cls` from plain data (a mapping); ConfigError if bad."""
+    return _build(cls, raw, path)
+
+
+def from_dict(raw: Any) -> RunConfig:
+    return parse(RunConfig, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, validate everything; raise ConfigError on any fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    return from_dict(apply_overrides(raw if raw is not None else {}, list(overrides)))
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML/JSON-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flatten(v, _join(prefix, k)))
+        return out or {prefix: {}}
+    return {prefix: data}
+
+
+def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Dotted keys whose change forbids resuming a run; raising an epoch count is allowed."""
+    old, cur = _flatten(to_dict(saved)), _flatten(to_dict(new))
+    bad = []
+    for key in sorted(set(old) | set(cur)):
+        if old.get(key) == cur.get(key):
+            continue
+        if key.endswith("train.epochs") and key in old and key in cur and cur[key] >= old[key]:
+            continue
+        bad.append(key)
+    return bad

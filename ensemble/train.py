@@ -1,0 +1,247 @@
+"""The training loop: SGD with momentum on index-drawn batches of on-device data, max-norm,
+jitter, evaluation each epoch, best-on-validation tracking, and checkpoints as bytes.
+
+Pure PyTorch: a `Trainer` runs in any process; `ensemble.actors` makes it a Ray actor unchanged.
+Resume is exact: a trainer restored from the checkpoint of epoch e and trained on gives the same
+weights, bit for bit on CPU, as one that never stopped (same seed and thread count), because all
+randomness (batch order, jitter, dropout) comes from RNG states that the checkpoint carries.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ensemble import checkpoint
+from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
+from ensemble.data import Splits, labels_to_device, to_device, translate
+from ensemble.errors import CheckpointError, TrainingError
+from ensemble.models import apply_max_norm, build_model, count_parameters
+
+EVAL_BATCH = 2000  # rows per forward pass when evaluating: large enough to be fast, small in memory
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device torch sees (Ray's GPU count is bookkeeping only): CUDA if present, else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' was asked for but torch sees no GPU here")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of the 0-based `epoch` under the configured per-epoch schedule."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.schedule == "exponential":
+        return cfg.lr * cfg.lr_decay ** epoch
+    return cfg.lr
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits (N, C) of `model` in eval mode on inputs x (N, ...), in chunks."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else \
+        torch.empty(0)
+    model.train(was_training)
+    return out
+
+
+def count_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Misclassified examples of (x, y)."""
+    if len(x) == 0:
+        return 0
+    return int((predict_logits(model, x).argmax(1) != y).sum())
+
+
+class Trainer:
+    """Trains one named model on `data` and reports each epoch's metrics.
+
+    Subclasses change what a batch costs by overriding `batch_loss` (distillation does).
+    """
+
+    def __init__(self, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, data: Splits,
+                 seed: int, threads: int = 1, device: str = "auto"):
+        torch.set_num_threads(threads)
+        self.name, self.model_cfg, self.cfg, self.seed = name, model_cfg, train_cfg, seed
+        self.device = pick_device(device)
+        self.classes, self.image_shape = data.num_classes, data.image_shape
+        torch.manual_seed(seed)
+        self.model = build_model(model_cfg, data.image_shape, data.num_classes).to(self.device)
+        self.x, self.y = to_device(data.train_x, self.device), labels_to_device(data.train_y,
+                                                                                self.device)
+        self.val = (to_device(data.val_x, self.device), labels_to_device(data.val_y, self.device))
+        self.test = (to_device(data.test_x, self.device),
+                     labels_to_device(data.test_y, self.device))
+        if len(self.x) == 0:
+            raise TrainingError(f"{name} has no training examples")
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=train_cfg.lr,
+                                   momentum=train_cfg.momentum,
+                                   weight_decay=train_cfg.weight_decay)
+        # batch order and jitter draw from their own generator; dropout from torch's global one,
+        # whose state this trainer keeps and restores around each epoch
+        self.batches = torch.Generator(self.device).manual_seed(seed + 1)
+        self.rng_cpu = torch.get_rng_state()
+        self.rng_cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" \
+            else None
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best_epoch, self.best_val_errors = 0, None
+        self.best_state = self._state_copy()
+        self.step_hook: Callable[["Trainer", int], None] | None = None  # tests inject faults here
+
+    # ------------------------------------------------------------ one epoch ----------------------
+    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the training examples at `idx` (B,) -> ()."""
+        xb = translate(self.x[idx], self.cfg.jitter, self.batches)
+        return F.cross_entropy(self.model(xb), self.y[idx])
+
+    def train_epoch(self) -> dict:
+        """Train one epoch, evaluate, track the best model; return the epoch's metrics."""
+        cfg, model, opt = self.cfg, self.model, self.opt
+        lr = learning_rate(cfg, self.epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        self._restore_rng()
+        model.train()
+        n = len(self.x)
+        perm = torch.randperm(n, device=self.device, generator=self.batches)
+        total = torch.zeros((), device=self.device)
+        start = time.perf_counter()
+        for step, lo in enumerate(range(0, n, cfg.batch_size)):
+            idx = perm[lo:lo + cfg.batch_size]
+            loss = self.batch_loss(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if self.model_cfg.max_norm > 0:
+                apply_max_norm(model, self.model_cfg.max_norm)
+            total += loss.detach() * len(idx)
+            if self.step_hook is not None:
+                self.step_hook(self, step)
+        mean_loss = float(total) / n  # the epoch's one host sync
+        train_seconds = time.perf_counter() - start
+        self._save_rng()
+        self.epoch += 1
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"{self.name}: the loss became {mean_loss} in epoch {self.epoch}; "
+                                "lower the learning rate")
+        val_errors = count_errors(model, *self.val)
+        test_errors = count_errors(model, *self.test)  # reported, never used to choose anything
+        if self.best_val_errors is None or len(self.val[0]) == 0 or \
+                val_errors < self.best_val_errors:
+            self.best_epoch, self.best_val_errors = self.epoch, val_errors
+            self.best_state = self._state_copy()
+        record = {
+            "epoch": self.epoch, "loss": mean_loss, "lr": lr,
+            "val_errors": val_errors, "test_errors": test_errors,
+            "samples_per_s": n / train_seconds, "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - start,
+            "best_epoch": self.best_epoch, "best_val_errors": self.best_val_errors,
+        }
+        self.history.append(record)
+        return record
+
+    def _restore_rng(self) -> None:
+        torch.set_rng_state(self.rng_cpu)
+        if self.rng_cuda is not None:
+            torch.cuda.set_rng_state(self.rng_cuda, self.device)
+
+    def _save_rng(self) -> None:
+        self.rng_cpu = torch.get_rng_state()
+        if self.rng_cuda is not None:
+            self.rng_cuda = torch.cuda.get_rng_state(self.device)
+
+    def _state_copy(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # ------------------------------------------------------------ results ------------------------
+    def summary(self) -> dict:
+        """Parameters, the best epoch by validation, and its errors."""
+        best = next((r for r in self.history if r["epoch"] == self.best_epoch), {})
+        return {"name": self.name, "parameters": count_parameters(self.model),
+                "epochs": self.epoch, "best_epoch": self.best_epoch,
+                "val_errors": best.get("val_errors"), "test_errors": best.get("test_errors"),
+                "wall_seconds": sum(r["seconds"] for r in self.history)}
+
+    # ------------------------------------------------------------ checkpoints --------------------
+    def checkpoint(self) -> bytes:
+        """Weights, best weights, optimiser state and RNG states as one safetensors blob."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
+        for i, p in enumerate(self.model.parameters()):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                tensors[f"optim.{i}.momentum_buffer"] = buf
+        tensors["rng.cpu"] = self.rng_cpu
+        tensors["rng.batches"] = self.batches.get_state()
+        if self.rng_cuda is not None:
+            tensors["rng.cuda"] = self.rng_cuda
+        meta = {"name": self.name, "epoch": self.epoch, "seed": self.seed,
+                "model": to_dict(self.model_cfg), "train": to_dict(self.cfg),
+                "classes": self.classes, "image_shape": list(self.image_shape),
+                "best_epoch": self.best_epoch,
+                "best_val_errors": self.best_val_errors, "history": self.history,
+                "summary": self.summary()}
+        return checkpoint.dumps(tensors, meta)
+
+    def load(self, blob: bytes) -> None:
+        """Restore everything `checkpoint()` saved; refuse a checkpoint of another model."""
+        tensors, meta = checkpoint.loads(blob)
+        if meta.get("model") != to_dict(self.model_cfg) or meta.get("classes") != self.classes:
+            raise CheckpointError(f"checkpoint of '{meta.get('name')}' was saved for another "
+                                  f"architecture than {self.name}'s")
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items()
+                                        if k.startswith("model.")})
+            self.best_state = {k[5:]: v.to(self.device) for k, v in tensors.items()
+                               if k.startswith("best.")}
+        except RuntimeError:
+            raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit "
+                                  f"{self.name}'s layers") from None
+        self.opt.state.clear()
+        for i, p in enumerate(self.model.parameters()):
+            buf = tensors.get(f"optim.{i}.momentum_buffer")
+            if buf is not None:
+                self.opt.state[p]["momentum_buffer"] = buf.to(self.device)
+        self.rng_cpu = tensors["rng.cpu"]
+        self.batches.set_state(tensors["rng.batches"])
+        if self.rng_cuda is not None and "rng.cuda" in tensors:
+            self.rng_cuda = tensors["rng.cuda"]
+        self.epoch, self.history = meta["epoch"], meta["history"]
+        self.best_epoch, self.best_val_errors = meta["best_epoch"], meta["best_val_errors"]
+
+    def best_model(self) -> nn.Module:
+        """The model with its best-on-validation weights loaded (a copy; training is untouched)."""
+        model = build_model(self.model_cfg, self.image_shape, self.classes).to(self.device)
+        model.load_state_dict(self.best_state)
+        return model.eval()
+
+
+def model_from_checkpoint(blob: bytes, device: torch.device,
+                          which: str = "best") -> tuple[nn.Module, dict]:
+    """The model a checkpoint holds (its best weights by default), in eval mode, and its metadata."""
+    tensors, meta = checkpoint.loads(blob)
+    try:
+        cfg = parse(ModelConfig, meta["model"], "model")
+        image_shape = tuple(int(d) for d in meta["image_shape"])
+        classes = int(meta["classes"])
+    except Exception:
+        raise CheckpointError(f"checkpoint of '{meta.get('name')}' has no valid model "
+                              "description") from None
+    model = build_model(cfg, image_shape, classes).to(device)
+    prefix = which + "."
+    try:
+        model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                               if k.startswith(prefix)})
+    except RuntimeError:
+        raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit its own model "
+                              "description") from None
+    return model.eval(), meta
