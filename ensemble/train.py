@@ -149,6 +149,24 @@ class Trainer:
         self.history.append(record)
         return record
 
+    def run_epoch(self, epoch: int, last: bytes | None = None) -> tuple[dict, bytes]:
+        """Train the 1-based `epoch` and return (its metrics, the checkpoint after it).
+
+        A trainer that is not at `epoch - 1` (Ray restarted its actor, or a run is resumed) first
+        restores `last`, the checkpoint written after `epoch - 1`, so a retried call continues
+        exactly where the model stopped.
+        """
+        if self.epoch != epoch - 1:
+            if last is None:
+                raise CheckpointError(f"{self.name} is at epoch {self.epoch} and was asked for "
+                                      f"epoch {epoch} without a checkpoint to resume from")
+            self.load(last)
+            if self.epoch != epoch - 1:
+                raise CheckpointError(f"{self.name}: the checkpoint to resume from is of epoch "
+                                      f"{self.epoch}, not {epoch - 1}")
+        record = self.train_epoch()
+        return record, self.checkpoint()
+
     def _restore_rng(self) -> None:
         torch.set_rng_state(self.rng_cpu)
         if self.rng_cuda is not None:

@@ -1,0 +1,129 @@
+"""`ensemble run | eval`: every mistake in the input ends in one sentence on stderr and a
+non-zero exit, before any work starts and without touching an existing run directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ensemble.config import RunConfig, apply_overrides, from_dict, load_config, resume_conflicts, \
+    to_dict
+from ensemble.errors import ConfigError, EnsembleError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one sentence, exit 2, like ours
+        raise ConfigError(f"{message} (see 'ensemble {self.prog.split()[-1]} --help')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ensemble", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="train the generalists, then the students, on Ray")
+    run.add_argument("config", nargs="?", help="YAML config (optional with --resume)")
+    run.add_argument("--data-dir", help="ROOT of local data sets (else $ENSEMBLE_DATA, else "
+                                        "/usr/share/datasets)")
+    run.add_argument("--run-dir", help="where results go (default runs/<name>-<timestamp>)")
+    run.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+    run.add_argument("--resume", nargs="?", const=True, metavar="RUN",
+                     help="continue the run in RUN (or in --run-dir): finished models are kept")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set students.distilled.temperature=8")
+    ev = sub.add_parser("eval", help="re-evaluate a run's checkpoints on its validation and "
+                                     "test sets")
+    ev.add_argument("run_dir")
+    ev.add_argument("--data-dir")
+    return parser
+
+
+def _resolve_run(args) -> tuple[RunConfig, Path, bool]:
+    """The config, run directory and resume flag of `ensemble run`, all checked."""
+    from ensemble.rundir import RunDir
+
+    if args.resume:
+        path = args.resume if isinstance(args.resume, str) else args.run_dir
+        if not path:
+            raise ConfigError("--resume needs the run directory: --resume RUN")
+        if args.run_dir and isinstance(args.resume, str) and Path(args.run_dir) != Path(path):
+            raise ConfigError("--resume RUN and --run-dir name different directories")
+        run = RunDir(path)
+        saved = run.load_config()
+        if args.config:
+            cfg = load_config(args.config, args.set)
+        else:
+            cfg = from_dict(apply_overrides(to_dict(saved), args.set))
+        changed = resume_conflicts(saved, cfg)
+        if changed:
+            raise ConfigError(f"cannot resume {path} with a changed config ({', '.join(changed)} "
+                              "differ); only raising an epoch count is allowed")
+        return cfg, Path(path), True
+    if not args.config:
+        raise ConfigError("ensemble run needs a CONFIG file (or --resume RUN)")
+    cfg = load_config(args.config, args.set)
+    path = Path(args.run_dir) if args.run_dir else \
+        Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if RunDir(path).exists():
+        raise ConfigError(f"run directory {path} already exists; pass --resume {path} to "
+                          "continue it or choose another --run-dir")
+    return cfg, path, False
+
+
+def cmd_run(args) -> int:
+    from ensemble.data import load_splits
+    from ensemble.rundir import RunDir
+    from ensemble.tracking import Tracker
+
+    cfg, path, resume = _resolve_run(args)
+    splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
+    from ensemble.pipeline import run_pipeline  # imports Ray: only once the input is known good
+
+    tracker = Tracker(path / "tb")
+    tracker.line(f"run {path} ({'resumed' if resume else 'new'}): {len(splits.train_y):,} "
+                 f"training, {len(splits.val_y):,} validation, {len(splits.test_y):,} test "
+                 f"images of {cfg.data.name}")
+    try:
+        run_pipeline(cfg, RunDir(path), splits, args.address, resume, tracker)
+    except KeyboardInterrupt:
+        print(f"interrupted; continue with: ensemble run --resume {path}", file=sys.stderr)
+        return 130
+    finally:
+        tracker.close()
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ensemble.data import labels_to_device, load_splits, to_device
+    from ensemble.rundir import RunDir
+    from ensemble.train import count_errors, model_from_checkpoint, pick_device
+
+    run = RunDir(args.run_dir)
+    cfg = run.load_config()
+    splits = load_splits(cfg.data, args.data_dir)
+    device = pick_device(cfg.device)
+    val = to_device(splits.val_x, device), labels_to_device(splits.val_y, device)
+    test = to_device(splits.test_x, device), labels_to_device(splits.test_y, device)
+    models = run.models()
+    if not models:
+        raise ConfigError(f"{args.run_dir} holds no checkpoints to evaluate")
+    print(f"| model | epoch | val errors | test errors | test error |\n|---|---:|---:|---:|---:|")
+    for name in models:
+        saved = run.latest(name)
+        model, meta = model_from_checkpoint(saved[0], device)
+        test_errors = count_errors(model, *test)
+        print(f"| {name} | {meta['best_epoch']} | {count_errors(model, *val)} | {test_errors} | "
+              f"{100 * test_errors / max(1, len(splits.test_y)):.2f} % |")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        return {"run": cmd_run, "eval": cmd_eval}[args.command](args)
+    except EnsembleError as err:
+        print(f"ensemble: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

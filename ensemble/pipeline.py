@@ -1,0 +1,210 @@
+"""The stages in order, driven from one process: generalists -> student(s).
+
+The driver reads the data once, puts it into Ray's object store once (uint8 NumPy arrays: one
+zero-copy copy per node), starts one named actor per model, and asks each for one epoch at a
+time. Every epoch's metrics and checkpoint come back through Ray; the driver alone writes the run
+directory, so actors never see a file-system path and a cluster needs no shared disk.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from ray.exceptions import RayError
+
+from ensemble import checkpoint
+from ensemble.actors import check_resources, start_actor
+from ensemble.config import ResourcesConfig, RunConfig
+from ensemble.data import Splits
+from ensemble.errors import TrainingError
+from ensemble.rundir import RunDir
+from ensemble.tracking import Tracker
+
+STUDENT_SEED_OFFSET = 1000  # students' seeds stay clear of the generalists' seed, seed+1, ...
+
+
+@dataclass
+class Job:
+    """One model of the run: its actor, and where its training stands."""
+    name: str
+    role: str  # "generalist" or "student"
+    args: tuple
+    resources: ResourcesConfig
+    epochs: int
+    epoch: int = 0
+    blob: object = None  # latest checkpoint: bytes from disk, or the ObjectRef an epoch returned
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    actor: object = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.epochs
+
+    def status(self) -> str:
+        return "failed" if self.error else "finished" if self.finished else "training"
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, namespace: str):
+    """Connect to `address`, or start a local Ray with a temporary directory of its own; reuse a
+    Ray this process already started (tests). Everything started here is stopped on exit."""
+    if ray.is_initialized():
+        yield
+        return
+    temp = None
+    if address is None:
+        temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths are length-limited
+        ray.init(namespace=namespace, _temp_dir=temp, logging_level=logging.WARNING)
+    else:
+        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+class Pipeline:
+    def __init__(self, cfg: RunConfig, run: RunDir, splits: Splits, tracker: Tracker):
+        self.cfg, self.run, self.splits, self.tracker = cfg, run, splits, tracker
+        self.namespace = "ensemble-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.path.resolve().name)
+        self.jobs: dict[str, Job] = {}
+
+    # ------------------------------------------------------------ the stages ---------------------
+    def execute(self, data_ref) -> dict[str, Job]:
+        cfg = self.cfg
+        gen = cfg.generalists
+        generalists = [self._job(f"generalist-{i}", "generalist", gen.resources, gen.train.epochs,
+                                 (f"generalist-{i}", gen.model, gen.train, data_ref, cfg.seed + i,
+                                  gen.resources.threads, cfg.device))
+                       for i in range(gen.count)]
+        self._train(generalists)
+        teachers = [job for job in generalists if job.finished and not job.error]
+        teacher_ref = ray.put([self._bytes(job.blob) for job in teachers]) if teachers else None
+        students = []
+        for k, (name, scfg) in enumerate(cfg.students.items()):
+            if scfg.uses_teacher and len(teachers) < gen.count:
+                self.jobs[f"student-{name}"] = Job(
+                    f"student-{name}", "student", (), scfg.resources, scfg.train.epochs,
+                    error="not trained: its teacher (the generalists) did not finish")
+                continue
+            students.append(self._job(
+                f"student-{name}", "student", scfg.resources, scfg.train.epochs,
+                (f"student-{name}", scfg, data_ref, teacher_ref if scfg.uses_teacher else [],
+                 cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device)))
+        self._train(students)
+        return self.jobs
+
+    def _job(self, name, role, resources, epochs, args) -> Job:
+        job = Job(name, role, args, resources, epochs)
+        saved = self.run.latest(name)
+        if saved is not None:
+            job.blob, meta = saved
+            job.epoch, job.history, job.summary = meta["epoch"], meta["history"], meta["summary"]
+        self.jobs[name] = job
+        return job
+
+    # ------------------------------------------------------------ training -----------------------
+    def _train(self, jobs: list[Job]) -> None:
+        """Train `jobs` in parallel, one epoch per call, until each is finished or failed."""
+        active = {}
+        try:
+            for job in jobs:
+                if job.finished:
+                    self.tracker.line(f"{job.name:<16} finished earlier ({job.epoch} epochs)")
+                    continue
+                job.actor = start_actor(job.role, job.name, self.namespace, job.resources,
+                                        *job.args)
+                active[self._submit(job)] = job
+            while active:
+                [ready], _ = ray.wait(list(active), num_returns=1)
+                job = active.pop(ready)
+                try:
+                    record = ray.get(ready)
+                    blob = ray.get(job.blob)
+                except RayError as err:
+                    job.error = _reason(err)
+                    self.tracker.line(f"{job.name:<16} failed: {job.error}")
+                    self._stop(job)
+                    self._write()
+                    continue
+                checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
+                job.epoch = record["epoch"]
+                job.history.append(record)
+                job.summary = checkpoint.read_meta(blob)["summary"]
+                self.tracker.epoch(job.name, job.epochs, record)
+                self._write()
+                if job.finished:
+                    self._stop(job)
+                else:
+                    active[self._submit(job)] = job
+        finally:
+            for job in jobs:
+                self._stop(job)
+
+    def _submit(self, job: Job):
+        record_ref, job.blob = job.actor.run_epoch.options(num_returns=2).remote(
+            job.epoch + 1, job.blob)
+        return record_ref
+
+    @staticmethod
+    def _stop(job: Job) -> None:
+        if job.actor is not None:
+            ray.kill(job.actor, no_restart=True)
+            job.actor = None
+
+    @staticmethod
+    def _bytes(blob) -> bytes:
+        return blob if isinstance(blob, bytes) else ray.get(blob)
+
+    # ------------------------------------------------------------ results ------------------------
+    def results(self) -> dict[str, dict]:
+        return {job.name: {"role": job.role, "status": job.status(), "error": job.error,
+                           "test_size": len(self.splits.test_y), "val_size": len(self.splits.val_y),
+                           "summary": job.summary, "history": job.history}
+                for job in self.jobs.values()}
+
+    def _write(self) -> None:
+        self.run.write_metrics(self.results())
+
+
+def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | None,
+                 resume: bool, tracker: Tracker) -> dict[str, dict]:
+    """Train every model of `cfg` into `run`; raise TrainingError if any failed (after writing
+    the results of all the others)."""
+    pipe = Pipeline(cfg, run, splits, tracker)
+    with ray_session(address, pipe.namespace):
+        requests = {f"generalist-{i}": cfg.generalists.resources
+                    for i in range(cfg.generalists.count)}
+        requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
+        check_resources(requests)
+        if not resume:
+            run.create(cfg)
+        data_ref = ray.put(splits)
+        pipe.execute(data_ref)
+    results = pipe.results()
+    run.write_metrics(results)
+    tracker.line("\n" + run.write_summary(cfg.name, results))
+    failed = [f"{name} ({m['error']})" for name, m in results.items() if m["error"]]
+    if failed:
+        raise TrainingError(f"{len(failed)} model(s) failed: {'; '.join(failed)}; the others' "
+                            f"results are in {run.path}")
+    return results
+
+
+def _reason(err: RayError) -> str:
+    """One line for why a remote call failed: the trainer's own message where there is one."""
+    cause = getattr(err, "cause", None)
+    if cause is not None and str(cause):
+        return str(cause).strip().splitlines()[-1]
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__

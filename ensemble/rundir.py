@@ -1,0 +1,90 @@
+"""The run directory, written only by the driver:
+
+    RUN/config.yaml                    the resolved config (what --resume reads back)
+    RUN/checkpoints/<model>/epoch-NNNN.safetensors   the last two per model
+    RUN/metrics.json                   per model: status, summary, every epoch's metrics
+    RUN/summary.md                     one row per model
+    RUN/tb/<model>/                    TensorBoard scalars (ensemble.tracking)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ensemble import checkpoint
+from ensemble.config import RunConfig, from_dict, to_dict
+from ensemble.errors import ConfigError
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ------------------------------------------------------------ config -------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def exists(self) -> bool:
+        return self.path.exists() and any(self.path.iterdir())
+
+    def load_config(self) -> RunConfig:
+        if not self.config_path.is_file():
+            raise ConfigError(f"'{self.path}' is not a run directory (it has no config.yaml)")
+        try:
+            raw = yaml.safe_load(self.config_path.read_text())
+        except yaml.YAMLError:
+            raise ConfigError(f"'{self.config_path}' is not valid YAML") from None
+        return from_dict(raw)
+
+    def create(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_atomic(self.config_path,
+                                yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+    # ------------------------------------------------------------ checkpoints --------------------
+    def checkpoints(self, model: str) -> Path:
+        return self.path / "checkpoints" / model
+
+    def latest(self, model: str) -> tuple[bytes, dict] | None:
+        return checkpoint.load_latest(self.checkpoints(model))
+
+    def models(self) -> list[str]:
+        folder = self.path / "checkpoints"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    # ------------------------------------------------------------ results ------------------------
+    def write_metrics(self, models: dict[str, dict]) -> None:
+        checkpoint.write_atomic(self.path / "metrics.json",
+                                json.dumps({"models": models}, indent=1).encode())
+
+    def write_summary(self, title: str, models: dict[str, dict]) -> str:
+        text = summary_table(title, models)
+        checkpoint.write_atomic(self.path / "summary.md", text.encode())
+        return text
+
+
+def summary_table(title: str, models: dict[str, dict]) -> str:
+    """Markdown: one row per model (parameters, errors of its best epoch by validation, time)."""
+    lines = [f"# {title}", "",
+             "| model | status | parameters | epochs | best epoch | val errors | test errors "
+             "| test error | wall time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in models.items():
+        s = m.get("summary") or {}
+        test, n_test = s.get("test_errors"), m.get("test_size")
+        rate = f"{100 * test / n_test:.2f} %" if test is not None and n_test else "–"
+        lines.append(
+            f"| {name} | {m.get('status', '?')} | {s.get('parameters', 0):,} | "
+            f"{s.get('epochs', 0)} | {s.get('best_epoch', '–')} | {_or_dash(s.get('val_errors'))} "
+            f"| {_or_dash(test)} | {rate} | {s.get('wall_seconds', 0):.0f} s |")
+    failed = [f"- {name}: {m['error']}" for name, m in models.items() if m.get("error")]
+    if failed:
+        lines += ["", "Failed:", *failed]
+    return "\n".join(lines) + "\n"
+
+
+def _or_dash(value) -> str:
+    return "–" if value is None else str(value)
