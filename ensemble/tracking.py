@@ -13,7 +13,7 @@ SCALARS = {  # TensorBoard tag -> key of an epoch record
 
 
 class Tracker:
-    def __init__(self, tb_dir: Path, out: TextIO = sys.stdout):
+    def __init__(self, tb_dir: Path, out: TextIO | None = None):  # None: sys.stdout when printing
         self.tb_dir, self.out = Path(tb_dir), out
         self.writers = {}
 
@@ -33,7 +33,7 @@ class Tracker:
                   f"  {record['samples_per_s']:>8,.0f} samples/s")
 
     def line(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        print(text, file=self.out or sys.stdout, flush=True)
 
     def close(self) -> None:
         for writer in self.writers.values():

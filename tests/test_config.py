@@ -1,0 +1,65 @@
+import pytest
+
+from ensemble.config import apply_overrides, from_dict, load_config, resume_conflicts
+from ensemble.errors import ConfigError
+
+
+def test_defaults_are_the_papers():
+    cfg = from_dict({"students": {"s": {}}})
+    assert cfg.generalists.model.hidden == (1200, 1200)
+    assert cfg.generalists.train.jitter == 2
+    assert cfg.students["s"].model.hidden == (800, 800)
+    assert cfg.students["s"].temperature == 20.0
+
+
+def test_nested_partial_sections_keep_their_defaults():
+    cfg = from_dict({"students": {"s": {"model": {"hidden": [30, 30]}}}})
+    assert cfg.students["s"].model.dropout_in == 0.0  # the student's default, not the MLP's
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"generalist": {}}, "did you mean 'generalists'"),
+    ({"generalists": {"trian": {}}}, "did you mean 'generalists.train'"),
+    ({"generalists": {"count": "two"}}, "generalists.count must be an integer"),
+    ({"generalists": {"count": 1.5}}, "generalists.count must be an integer"),
+    ({"generalists": {"count": 0}}, "generalists.count must be >= 1"),
+    ({"students": {"s": {"temperature": 0}}}, "students.s.temperature must be > 0"),
+    ({"students": {"s": {"alpha": 1.5}}}, r"students.s.alpha must be in \[0, 1\]"),
+    ({"students": {"s": {"drop_classes": [10]}}}, "students.s.drop_classes must hold"),
+    ({"students": {"s": {"drop_classes": list(range(10))}}}, "at least one class"),
+    ({"students": {"s": {"keep_classes": []}, "t": {"keep_classes": [1], "drop_classes": [2]}}},
+     "cannot be combined"),
+    ({"data": {"name": "imagenet"}}, "data.name must be one of"),
+    ({"generalists": {"resources": {"num_gpus": 1.5}}}, "whole number"),
+    ({"generalists": {"train": {"jitter": True}}}, "must be an integer"),
+    ({"generalists": {"model": {"hidden": []}}}, "non-empty"),
+    ({"generalists": {"model": {"dropout_in": 1.0}}}, r"in \[0, 1\)"),
+    ({"data": 3}, "data must be a mapping"),
+])
+def test_bad_configs(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(raw)
+
+
+def test_overrides_and_yaml_numbers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("generalists:\n  train: {lr: 1e-3}\n")
+    cfg = load_config(path, ["students.s.temperature=8", "generalists.count=3"])
+    assert cfg.generalists.train.lr == 0.001
+    assert cfg.students["s"].temperature == 8.0 and cfg.generalists.count == 3
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["students.s.temperature"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"name": "x"}, ["name.y=1"])
+    path.write_text("generalists: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_resume_conflicts_allow_only_more_epochs():
+    old = from_dict({"students": {"s": {}}})
+    more = from_dict({"students": {"s": {"train": {"epochs": 50}}}})
+    assert resume_conflicts(old, more) == []
+    assert resume_conflicts(more, old) == ["students.s.train.epochs"]
+    other = from_dict({"students": {"s": {"temperature": 3}}, "seed": 2})
+    assert resume_conflicts(old, other) == ["seed", "students.s.temperature"]

@@ -1,0 +1,94 @@
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble.config import DataConfig
+from ensemble.data import load_splits, read_idx, transfer_mask, translate, write_idx
+from ensemble.errors import DataError
+from tests.conftest import synthetic_digits, write_mnist_like
+
+
+@pytest.mark.parametrize("name", ["a-idx3-ubyte", "a-idx3-ubyte.gz"])
+def test_idx_round_trip(tmp_path, name):
+    images, _ = synthetic_digits(7, 0)
+    write_idx(tmp_path / name, images)
+    np.testing.assert_array_equal(read_idx(tmp_path / name), images)
+
+
+def test_idx_wrong_magic_and_truncation(tmp_path):
+    (tmp_path / "bad").write_bytes(b"\x12\x34\x08\x01" + b"\x00" * 8)
+    with pytest.raises(DataError, match="magic"):
+        read_idx(tmp_path / "bad")
+    images, _ = synthetic_digits(3, 0)
+    write_idx(tmp_path / "t.gz", images)
+    raw = gzip.decompress((tmp_path / "t.gz").read_bytes())
+    (tmp_path / "short").write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_both_layouts_and_validation_split(tmp_path):
+    write_mnist_like(tmp_path / "a", n_train=100, n_test=30)
+    # torchvision's layout: ROOT/MNIST/raw with plain files
+    write_mnist_like(tmp_path / "b" / "MNIST", name="raw", n_train=100, n_test=30, gz=False)
+    cfg = DataConfig(val_size=20, download=False)
+    a, b = load_splits(cfg, tmp_path / "a"), load_splits(cfg, tmp_path / "b")
+    assert a.train_x.shape == (80, 1, 8, 8) and a.val_x.shape == (20, 1, 8, 8)
+    np.testing.assert_array_equal(a.val_x, b.val_x)
+    full, _ = synthetic_digits(100, 0)
+    np.testing.assert_array_equal(a.val_x[:, 0], full[80:])  # the last val_size images
+    assert len(load_splits(DataConfig(val_size=20, train_size=50, download=False),
+                           tmp_path / "a").train_y) == 50
+
+
+def test_missing_data_names_every_place(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_splits(DataConfig(name="fashion-mnist", download=False), tmp_path)
+    assert str(tmp_path / "fashion-mnist") in str(err.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in str(err.value)
+
+
+def test_labels_out_of_range(tmp_path):
+    write_mnist_like(tmp_path, n_train=50, n_test=10)
+    write_idx(tmp_path / "mnist" / "t10k-labels-idx1-ubyte.gz", np.full(10, 12, np.uint8))
+    with pytest.raises(DataError, match="labels"):
+        load_splits(DataConfig(val_size=10, download=False), tmp_path)
+
+
+def test_transfer_mask():
+    y = np.array([0, 3, 7, 8, 3])
+    assert transfer_mask(y, drop=(3,)).tolist() == [True, False, True, True, False]
+    assert transfer_mask(y, keep=(7, 8)).tolist() == [False, False, True, True, False]
+
+
+def test_translate_range_and_independence():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(256, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0  # one lit pixel in the centre: its new place is the shift
+    out = translate(x, 2, g)
+    assert out.shape == x.shape and torch.all(out.sum((1, 2, 3)) == 1)
+    where = out[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 9 - 4, where % 9 - 4
+    assert dy.abs().max() == 2 and dx.abs().max() == 2  # the whole range is reached ...
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25  # ... each sample on its own draw
+    assert translate(x, 0, g) is x
+
+
+def test_translate_fills_with_zeros_and_keeps_content():
+    g = torch.Generator().manual_seed(1)
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    out = translate(x, 1, g)
+    for b in range(2):
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if torch.equal(out[b], _shift(x[b], dy, dx))]
+        assert len(matches) == 1
+
+
+def _shift(img, dy, dx):
+    out = torch.zeros_like(img)
+    h, w = img.shape[1:]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        img[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out

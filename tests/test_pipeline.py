@@ -1,0 +1,102 @@
+"""`ensemble run` end to end on a local Ray (started once per test session)."""
+import json
+
+import pytest
+
+from ensemble.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIG = """
+name: tiny
+data: {val_size: 100, download: false}
+generalists:
+  count: 2
+  model: {hidden: [32, 32], dropout_in: 0.1, dropout_hidden: 0.2, max_norm: 3.0}
+  train: {epochs: 3, batch_size: 50, lr: 0.3, jitter: 0}
+students:
+  hard:
+    model: {hidden: [16]}
+    train: {epochs: 2, batch_size: 50, lr: 0.3}
+    alpha: 0.0
+  distilled:
+    model: {hidden: [16]}
+    train: {epochs: 2, batch_size: 50, lr: 0.3}
+    temperature: 4.0
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_session, data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = tmp / "tiny.yaml"
+    config.write_text(CONFIG)
+    run = tmp / "run"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+    return config, run
+
+
+def test_run_writes_every_artefact(finished_run):
+    _, run = finished_run
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    assert set(metrics) == {"generalist-0", "generalist-1", "student-hard", "student-distilled"}
+    for name, m in metrics.items():
+        assert m["status"] == "finished" and m["error"] is None
+        assert m["summary"]["test_errors"] < 100  # of 200 test images; chance is ~180
+    assert [len(metrics[n]["history"]) for n in metrics] == [3, 3, 2, 2]
+    assert sorted(p.name for p in (run / "checkpoints" / "generalist-0").iterdir()) == \
+        ["epoch-0002.safetensors", "epoch-0003.safetensors"]  # the last two
+    assert list((run / "tb" / "student-distilled").glob("events.out.tfevents.*"))
+    summary = (run / "summary.md").read_text()
+    assert summary.count("| finished |") == 4
+    assert "name: tiny" in (run / "config.yaml").read_text()
+    # the two generalists had different seeds, so they are different models
+    assert metrics["generalist-0"]["history"] != metrics["generalist-1"]["history"]
+
+
+def test_resume_skips_finished_and_extends(finished_run, data_root, capsys):
+    config, run = finished_run
+    gen = run / "checkpoints" / "generalist-0" / "epoch-0003.safetensors"
+    before = gen.stat().st_mtime_ns
+    assert main(["run", "--resume", str(run), "--data-dir", str(data_root),
+                 "--set", "students.distilled.train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "generalist-0     finished earlier" in out
+    assert "student-distilled epoch   3/3" in out and "epoch   1/" not in out
+    assert gen.stat().st_mtime_ns == before
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    assert len(metrics["student-distilled"]["history"]) == 3
+
+
+def test_resume_refuses_changed_config(finished_run, data_root, capsys):
+    config, run = finished_run
+    before = (run / "metrics.json").read_bytes()
+    assert main(["run", str(config), "--resume", str(run), "--data-dir", str(data_root),
+                 "--set", "students.distilled.temperature=2"]) == 2
+    assert "students.distilled.temperature" in capsys.readouterr().err
+    assert (run / "metrics.json").read_bytes() == before
+
+
+def test_existing_run_dir_needs_resume(finished_run, data_root, capsys):
+    config, run = finished_run
+    assert main(["run", str(config), "--run-dir", str(run), "--data-dir", str(data_root)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_eval_reevaluates_checkpoints(finished_run, data_root, capsys):
+    _, run = finished_run
+    assert main(["eval", str(run), "--data-dir", str(data_root)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    row = next(line for line in out.splitlines() if line.startswith("| generalist-1 |"))
+    assert f"| {metrics['generalist-1']['summary']['test_errors']} |" in row
+
+
+def test_unsatisfiable_request_fails_at_once(ray_session, data_root, tmp_path, capsys):
+    config = tmp_path / "gpu.yaml"
+    config.write_text(CONFIG + "\n")
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--run-dir", str(run), "--data-dir", str(data_root),
+                 "--set", "generalists.resources.num_gpus=1"]) == 2
+    assert "asks for 1 GPU" in capsys.readouterr().err
+    assert not run.exists()

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from ensemble import checkpoint
+from ensemble.config import DataConfig, ModelConfig, StudentConfig, TrainConfig
+from ensemble.data import load_splits
+from ensemble.distill import Student
+from ensemble.errors import CheckpointError
+from ensemble.train import Trainer, learning_rate, model_from_checkpoint
+
+MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
+TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
+JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, jitter=1)  # every RNG stream in use
+
+
+@pytest.fixture(scope="module")
+def splits(data_root):
+    return load_splits(DataConfig(val_size=100, download=False), data_root)
+
+
+def weights(trainer):
+    return trainer.model.state_dict()
+
+
+def test_learns_and_tracks_best(splits):
+    t = Trainer("g", MODEL, TRAIN, splits, seed=0)
+    records = [t.train_epoch() for _ in range(3)]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[-1]["val_errors"] < 50  # of 100; chance would be 90
+    best = min(records, key=lambda r: r["val_errors"])
+    assert t.best_epoch == best["epoch"]
+    for module in t.model.modules():  # max-norm holds after every step
+        if isinstance(module, torch.nn.Linear):
+            assert module.weight.norm(dim=1).max() <= 2.0 + 1e-5
+
+
+def test_resume_is_bit_identical(splits):
+    straight = Trainer("g", MODEL, JITTER, splits, seed=3)
+    for _ in range(3):
+        straight.train_epoch()
+    first = Trainer("g", MODEL, JITTER, splits, seed=3)
+    first.train_epoch()
+    blob = first.checkpoint()
+    del first
+    resumed = Trainer("g", MODEL, JITTER, splits, seed=3)
+    record, _ = resumed.run_epoch(2, blob)  # a fresh trainer at epoch 0 restores epoch 1 first
+    resumed.train_epoch()
+    assert resumed.epoch == 3 and record["epoch"] == 2
+    for key, value in weights(straight).items():
+        assert torch.equal(value, weights(resumed)[key]), key
+    for key, value in straight.best_state.items():
+        assert torch.equal(value, resumed.best_state[key])
+    # and a different seed really differs: the comparison above can fail
+    other = Trainer("g", MODEL, JITTER, splits, seed=4)
+    for _ in range(3):
+        other.train_epoch()
+    assert not torch.equal(weights(other)["output.weight"], weights(straight)["output.weight"])
+
+
+def test_checkpoint_refuses_other_architecture_and_damage(splits):
+    blob = Trainer("g", MODEL, TRAIN, splits, seed=0).checkpoint()
+    wider = Trainer("g", ModelConfig(hidden=(64, 32)), TRAIN, splits, seed=0)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        wider.load(blob)
+    damaged = bytearray(blob)
+    damaged[-10] ^= 0xFF
+    with pytest.raises(CheckpointError, match="damaged"):
+        checkpoint.loads(bytes(damaged))
+    with pytest.raises(CheckpointError):
+        checkpoint.loads(b"\x80\x04K\x01.")  # a pickle is not a checkpoint
+
+
+def test_latest_falls_back_to_previous(tmp_path, splits):
+    t = Trainer("g", MODEL, TRAIN, splits, seed=0)
+    for epoch in (1, 2, 3):
+        t.train_epoch()
+        checkpoint.save_epoch(tmp_path, epoch, t.checkpoint())
+    assert [e for e, _ in checkpoint.epochs_in(tmp_path)] == [3, 2]  # the last two kept
+    newest = tmp_path / "epoch-0003.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    blob, meta = checkpoint.load_latest(tmp_path)
+    assert meta["epoch"] == 2
+    model, meta = model_from_checkpoint(blob, torch.device("cpu"))
+    assert meta["name"] == "g" and not model.training
+
+
+def test_schedules():
+    cfg = TrainConfig(epochs=4, lr=0.2, schedule="cosine")
+    assert learning_rate(cfg, 0) == 0.2 and learning_rate(cfg, 2) == pytest.approx(0.1)
+    exp = TrainConfig(lr=1.0, schedule="exponential", lr_decay=0.5)
+    assert learning_rate(exp, 3) == 0.125
+
+
+def test_student_distils_and_filters_transfer_set(splits):
+    teacher = Trainer("g", MODEL, TRAIN, splits, seed=0)
+    for _ in range(3):
+        teacher.train_epoch()
+    cfg = StudentConfig(model=ModelConfig(hidden=(16,), dropout_in=0, dropout_hidden=0),
+                        train=TrainConfig(epochs=2, batch_size=50), temperature=4.0,
+                        drop_classes=(3,))
+    student = Student("s", cfg, splits, [teacher.checkpoint()], seed=1)
+    assert not (student.y == 3).any() and len(student.y) > 0
+    # soft targets computed once on the fixed transfer set match the teacher's own outputs
+    expected = torch.softmax(teacher.best_model()(student.x) / 4.0, 1)
+    torch.testing.assert_close(student.targets, expected)
+    first = student.train_epoch()
+    assert student.train_epoch()["loss"] < first["loss"]
+    hard = Student("h", StudentConfig(alpha=0.0, model=cfg.model, train=cfg.train), splits, [],
+                   seed=1)
+    assert hard.teacher is None and hard.train_epoch()["loss"] > 0
