@@ -1,0 +1,162 @@
+"""Throughput of the trainer on the paper's 2x1200 MLP, against baselines run in this process.
+
+    python benchmarks/throughput.py [--samples 20000] [--out results/throughput.md]
+
+1. samples/s of `ensemble.train.Trainer` against the fixed reference loop
+   (../shared/bench/plain_loop.py, imported, never edited) on the same tensors, batch 100 and 512
+   (target >= 0.95x), and the trainer's GFLOP/s as a share of a matmul peak measured here;
+2. the same training inside a 1-CPU Ray actor against in-process with 1 thread (target >= 0.95x);
+3. two generalists on two 1-CPU actors against the same two trained one after the other with one
+   thread each (target >= 1.8x).
+The last lines are `name: value`, one figure each.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ensemble.config import ModelConfig, TrainConfig
+from ensemble.data import Splits
+from ensemble.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = Path(os.environ.get("ENSEMBLE_PLAIN_LOOP", ROOT.parent / "shared" / "bench" / "plain_loop.py"))
+HIDDEN = (1200, 1200)
+# the reference loop's model and optimiser: dropout 0.2/0.5, SGD lr 0.01 momentum 0.9, no extras
+MODEL = ModelConfig(hidden=HIDDEN, dropout_in=0.2, dropout_hidden=0.5, max_norm=0.0)
+
+
+def load_plain_loop():
+    spec = importlib.util.spec_from_file_location("plain_loop", PLAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def splits(samples: int, seed: int = 0) -> Splits:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (samples, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, samples).astype(np.int64)
+    empty_x, empty_y = x[:0], y[:0]
+    return Splits("mnist", tuple(map(str, range(10))), x, y, empty_x, empty_y, empty_x, empty_y)
+
+
+def train_cfg(batch: int) -> TrainConfig:
+    return TrainConfig(epochs=1, batch_size=batch, lr=0.01, momentum=0.9, schedule="constant")
+
+
+def flops_per_sample(hidden=HIDDEN, inputs=784, classes=10) -> float:
+    widths = (inputs, *hidden, classes)
+    macs = sum(a * b for a, b in zip(widths, widths[1:]))
+    return 6.0 * macs  # forward 2 flops per multiply-add, backward twice the forward
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def trainer_rate(data: Splits, batch: int, threads: int, seed: int = 0) -> float:
+    trainer = Trainer("bench", MODEL, train_cfg(batch), data, seed=seed, threads=threads)
+    return trainer.train_epoch()["samples_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, default=20_000, help="samples per measurement")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating repeats; best kept")
+    parser.add_argument("--out", default=str(ROOT / "results" / "throughput.md"))
+    args = parser.parse_args()
+    plain = load_plain_loop()
+    data = splits(args.samples)
+    threads = os.cpu_count() or 1
+    figures, lines = {}, []
+
+    def say(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    say(f"# Throughput, {platform.processor() or platform.machine()}, {threads} CPU threads, "
+        f"torch {torch.__version__}, {args.samples:,} samples per measurement")
+    peak = matmul_peak(threads)
+    say(f"matmul peak (2048x2048 fp32, {threads} threads): {peak:.0f} GFLOP/s")
+    for batch in (100, 512):
+        ours, ref = [], []
+        for _ in range(args.repeats):  # alternate, keep each one's best: both see the same noise
+            trainer = Trainer("bench", MODEL, train_cfg(batch), data, seed=0, threads=threads)
+            ref_model = plain.paper_mlp()
+            ref.append(plain.plain_loop_samples_per_s(ref_model, trainer.x.flatten(1), trainer.y,
+                                                      batch, samples=args.samples))
+            ours.append(trainer.train_epoch()["samples_per_s"])
+        gflops = max(ours) * flops_per_sample() / 1e9
+        say(f"batch {batch}: trainer {max(ours):,.0f} samples/s, plain loop {max(ref):,.0f} "
+            f"samples/s; trainer {gflops:.0f} GFLOP/s = {gflops / peak:.0%} of the matmul peak")
+        figures[f"trainer_vs_plain_b{batch}"] = max(ours) / max(ref)
+        figures[f"trainer_peak_share_b{batch}"] = gflops / peak
+
+    import ray
+
+    from ensemble.actors import start_actor
+    from ensemble.config import ResourcesConfig
+
+    temp = tempfile.mkdtemp(prefix="ray-b")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR")
+    try:
+        data_ref = ray.put(data)
+        one = ResourcesConfig(num_cpus=1)
+        batch = 100
+        inproc = [trainer_rate(data, batch, threads=1) for _ in range(args.repeats)]
+        actor = start_actor("generalist", "bench-0", "bench", one, "bench-0", MODEL,
+                            train_cfg(batch), data_ref, 0, 1, "auto")
+        in_actor = [ray.get(actor.train_epoch.remote())["samples_per_s"]
+                    for _ in range(args.repeats)]
+        ray.kill(actor)
+        say(f"batch {batch}, 1 thread: in a Ray actor {max(in_actor):,.0f} samples/s, "
+            f"in-process {max(inproc):,.0f} samples/s")
+        figures["actor_vs_inprocess"] = max(in_actor) / max(inproc)
+
+        pair = [Trainer("seq", MODEL, train_cfg(batch), data, seed=s, threads=1) for s in (0, 1)]
+        start = time.perf_counter()
+        for trainer in pair:
+            trainer.train_epoch()
+        sequential = time.perf_counter() - start
+        actors = [start_actor("generalist", f"gen-{i}", "bench", one, f"gen-{i}", MODEL,
+                              train_cfg(batch), data_ref, i, 1, "auto") for i in (0, 1)]
+        ray.get([a.__ray_ready__.remote() for a in actors])  # constructed: time training only
+        start = time.perf_counter()
+        ray.get([a.train_epoch.remote() for a in actors])
+        parallel = time.perf_counter() - start
+        say(f"two generalists, batch {batch}: two 1-CPU actors {parallel:.1f} s, one after the "
+            f"other with 1 thread {sequential:.1f} s")
+        figures["two_actors_vs_sequential"] = sequential / parallel
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    say(f"git commit {commit}")
+    for name, value in figures.items():
+        say(f"{name}: {value:.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
