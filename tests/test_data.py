@@ -92,3 +92,28 @@ def _shift(img, dy, dx):
     out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
         img[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
     return out
+
+
+def write_cifar10_bin(root, n_per_batch: int = 20, seed: int = 0):
+    """ROOT/cifar-10-batches-bin/ in the binary release's format: label byte + 3072 pixels."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-bin"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        labels = rng.integers(0, 10, (n_per_batch, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(np.hstack([labels, pixels]).tobytes())
+    return folder
+
+
+def test_cifar10_binary_release(tmp_path):
+    folder = write_cifar10_bin(tmp_path)
+    s = load_splits(DataConfig(name="cifar10", val_size=10, download=False), tmp_path)
+    assert s.image_shape == (3, 32, 32) and len(s.train_y) == 90 and len(s.test_y) == 20
+    assert s.classes[3] == "cat"
+    first = np.frombuffer((folder / "data_batch_1.bin").read_bytes()[:3073], np.uint8)
+    assert s.train_y[0] == first[0]
+    np.testing.assert_array_equal(s.train_x[0].reshape(-1), first[1:])
+    (folder / "test_batch.bin").write_bytes(b"\x01" * 100)
+    with pytest.raises(DataError, match="truncated"):
+        load_splits(DataConfig(name="cifar10", val_size=10, download=False), tmp_path)

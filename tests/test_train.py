@@ -108,3 +108,31 @@ def test_student_distils_and_filters_transfer_set(splits):
     hard = Student("h", StudentConfig(alpha=0.0, model=cfg.model, train=cfg.train), splits, [],
                    seed=1)
     assert hard.teacher is None and hard.train_epoch()["loss"] > 0
+
+
+def test_small_cnn_trains_on_colour_images(tmp_path):
+    from tests.test_data import write_cifar10_bin
+
+    write_cifar10_bin(tmp_path)
+    data = load_splits(DataConfig(name="cifar10", val_size=10, download=False), tmp_path)
+    cnn = ModelConfig(kind="cnn", hidden=(8, 16), dropout_in=0.0, dropout_hidden=0.2,
+                      max_norm=3.0)
+    t = Trainer("c", cnn, TrainConfig(epochs=1, batch_size=30, jitter=2), data, seed=0)
+    record = t.train_epoch()
+    assert record["epoch"] == 1 and record["loss"] > 0
+    model, _ = model_from_checkpoint(t.checkpoint(), torch.device("cpu"))
+    assert model(t.x[:4]).shape == (4, 10)
+
+
+def test_student_on_augmented_transfer_set_asks_teacher_each_batch(splits):
+    teacher = Trainer("g", MODEL, TRAIN, splits, seed=0)
+    teacher.train_epoch()
+    cfg = StudentConfig(model=ModelConfig(hidden=(16,), dropout_in=0, dropout_hidden=0),
+                        train=TrainConfig(epochs=1, batch_size=50, jitter=1), temperature=2.0)
+    student = Student("s", cfg, splits, [teacher.checkpoint()], seed=1)
+    assert student.targets is None  # jittered inputs: soft targets come on the fly
+    calls = []
+    original = student.teacher.probs
+    student.teacher.probs = lambda x, T: calls.append(len(x)) or original(x, T)
+    student.train_epoch()
+    assert sum(calls) == len(student.y)
