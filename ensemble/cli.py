@@ -109,6 +109,8 @@ def cmd_eval(args) -> int:
     print(f"| model | epoch | val errors | test errors | test error |\n|---|---:|---:|---:|---:|")
     for name in models:
         saved = run.latest(name)
+        if saved is None:
+            continue
         model, meta = model_from_checkpoint(saved[0], device)
         test_errors = count_errors(model, *test)
         print(f"| {name} | {meta['best_epoch']} | {count_errors(model, *val)} | {test_errors} | "

@@ -258,14 +258,16 @@ def labels_to_device(labels: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None):
     """Shift each image of x (B,C,H,W) by its own random (dy, dx) in [-max_shift, max_shift]²,
-    filling with zeros; one batched indexing op on x's device (§3: the teacher's ±2 pixels)."""
+    filling with zeros; one gather on x's device (§3: the teacher's ±2 pixels)."""
     if max_shift == 0:
         return x
     b, c, h, w = x.shape
-    s = max_shift
-    shifts = torch.randint(-s, s + 1, (2, b), device=x.device, generator=generator)
-    padded = F.pad(x, (s, s, s, s)).permute(0, 2, 3, 1)  # (B, H+2s, W+2s, C)
-    rows = torch.arange(h, device=x.device) + s - shifts[0, :, None]  # (B, H)
-    cols = torch.arange(w, device=x.device) + s - shifts[1, :, None]  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    s, dev = max_shift, x.device
+    hp, wp = h + 2 * s, w + 2 * s
+    shifts = torch.randint(-s, s + 1, (2, b), device=dev, generator=generator)
+    padded = F.pad(x, (s, s, s, s)).reshape(b, c * hp * wp)
+    window = (torch.arange(c, device=dev)[:, None, None] * (hp * wp)
+              + torch.arange(h, device=dev)[None, :, None] * wp
+              + torch.arange(w, device=dev)[None, None, :]).reshape(1, -1)  # unshifted pixels
+    offset = (s - shifts[0]) * wp + (s - shifts[1])  # (B,): where each image's window starts
+    return padded.gather(1, window + offset[:, None]).view(b, c, h, w)

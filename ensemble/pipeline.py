@@ -22,7 +22,7 @@ from ensemble import checkpoint
 from ensemble.actors import check_resources, start_actor
 from ensemble.config import ResourcesConfig, RunConfig
 from ensemble.data import Splits
-from ensemble.errors import TrainingError
+from ensemble.errors import ConfigError, TrainingError
 from ensemble.rundir import RunDir
 from ensemble.tracking import Tracker
 
@@ -59,12 +59,15 @@ def ray_session(address: str | None, namespace: str):
     if ray.is_initialized():
         yield
         return
-    temp = None
-    if address is None:
-        temp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's socket paths are length-limited
-        ray.init(namespace=namespace, _temp_dir=temp, logging_level=logging.WARNING)
-    else:
-        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
+    temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
+    try:
+        ray.init(address=address, namespace=namespace, _temp_dir=temp,
+                 logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise ConfigError(f"cannot start or reach {where}: {str(err).splitlines()[0]}") from None
     try:
         yield
     finally:

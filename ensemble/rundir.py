@@ -28,7 +28,7 @@ class RunDir:
         return self.path / "config.yaml"
 
     def exists(self) -> bool:
-        return self.path.exists() and any(self.path.iterdir())
+        return self.path.is_file() or (self.path.is_dir() and any(self.path.iterdir()))
 
     def load_config(self) -> RunConfig:
         if not self.config_path.is_file():
