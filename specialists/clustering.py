@@ -1,0 +1,110 @@
+"""§5.2 of the paper: assign classes to specialists by clustering the covariance matrix of the
+generalist's predictions — no labels used.
+
+Classes that the generalist confuses rise and fall together in its predicted probabilities, so
+their columns of the covariance matrix look alike. Raw columns are dominated by the diagonal
+(each class's own variance), so columns are compared with the diagonal left out, either as
+covariances or as correlations (`compare`). The columns are clustered with an online
+(mini-batch) k-means; a class may also join its `overlap` nearest other clusters (the paper's
+specialists overlapped), a class whose tie to every cluster is below `min_tie` stays with the
+generalist alone, and subsets smaller than `min_size` are dropped.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+def prediction_covariance(probs: torch.Tensor) -> torch.Tensor:
+    """Covariance (C, C) of the predicted probabilities probs (N, C) over inputs."""
+    centred = probs - probs.mean(0, keepdim=True)
+    return centred.T @ centred / max(1, probs.shape[0] - 1)
+
+
+def affinity(cov: torch.Tensor, compare: str = "correlation") -> torch.Tensor:
+    """Class-by-class similarity (C, C) with the diagonal left out (set to 0): correlations, or
+    covariances scaled by their largest magnitude."""
+    if compare == "correlation":
+        sd = cov.diagonal().clamp_min(1e-12).sqrt()
+        out = cov / (sd[:, None] * sd[None, :])
+    else:
+        off = cov - torch.diag(cov.diagonal())
+        out = off / off.abs().max().clamp_min(1e-12)
+    return out - torch.diag(out.diagonal())
+
+
+def online_kmeans(points: torch.Tensor, k: int, iterations: int = 100, batch: int = 0,
+                  seed: int = 0, restarts: int = 10) -> torch.Tensor:
+    """Mini-batch k-means (Sculley 2010) of points (N, D): k-means++ start, then per iteration a
+    random batch pulls its nearest centroids towards it with rate 1/(points seen). The best of
+    `restarts` runs (least squared distance to the nearest centroid) wins. Returns (k, D)."""
+    g = torch.Generator().manual_seed(seed)
+    points = points.cpu().double()
+    best, best_cost = None, float("inf")
+    for _ in range(restarts):
+        centroids = _kmeans_once(points, k, iterations, batch or len(points), g)
+        cost = (torch.cdist(points, centroids).min(1).values ** 2).sum().item()
+        if cost < best_cost:
+            best, best_cost = centroids, cost
+    return best
+
+
+def _kmeans_once(points: torch.Tensor, k: int, iterations: int, batch: int,
+                 g: torch.Generator) -> torch.Tensor:
+    n = points.shape[0]
+    centroids = [points[torch.randint(n, (1,), generator=g).item()]]
+    for _ in range(1, k):  # k-means++: far points are likelier next centroids
+        dist = torch.cdist(points, torch.stack(centroids)).min(1).values ** 2
+        if dist.sum() <= 0:
+            choice = torch.randint(n, (1,), generator=g).item()
+        else:
+            choice = torch.multinomial(dist / dist.sum(), 1, generator=g).item()
+        centroids.append(points[choice])
+    centroids = torch.stack(centroids)
+    seen = torch.zeros(k, dtype=torch.float64)
+    for _ in range(iterations):
+        idx = torch.randperm(n, generator=g)[:batch]
+        nearest = torch.cdist(points[idx], centroids).argmin(1)
+        for i, c in zip(idx.tolist(), nearest.tolist()):
+            seen[c] += 1
+            centroids[c] += (points[i] - centroids[c]) / seen[c]
+    return centroids
+
+
+def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int = 0,
+                   overlap: int = 0, min_tie: float = -1.0,
+                   min_size: int = 2) -> list[list[int]]:
+    """Class subsets (sorted lists of class indices) from an affinity matrix (C, C)."""
+    classes = aff.shape[0]
+    points = aff.double()
+    centroids = online_kmeans(points, k, iterations, seed=seed)
+    dist = torch.cdist(points, centroids)  # (C, k)
+    order = dist.argsort(1)
+    core = [set((order[:, 0] == j).nonzero().flatten().tolist()) for j in range(k)]
+    members = [set(c) for c in core]
+    for c in range(classes):  # overlap: each class also joins its next-nearest clusters
+        for j in order[c, 1:1 + overlap].tolist():
+            members[j].add(c)
+
+    def tie(c, j):  # mean affinity of class c with the core of cluster j (itself left out)
+        others = [i for i in core[j] if i != c]
+        return aff[c, others].mean().item() if others else float("-inf")
+
+    loners = {c for c in range(classes)
+              if max(tie(c, j) for j in range(k) if c in members[j]) < min_tie}
+    subsets = [sorted(m - loners) for m in members]
+    subsets = [s for s in subsets if len(s) >= min_size]
+    unique = sorted(set(map(tuple, subsets)))
+    return [list(s) for s in unique]
+
+
+def pair_agreement(subsets: list[list[int]], groups: list[list[int]]) -> dict[str, float]:
+    """How the subsets agree with known groups, over pairs of classes: recall = share of the
+    groups' within-group pairs that some subset holds together; precision = share of the
+    subsets' pairs that lie within one group."""
+    found = {p for s in subsets for p in itertools.combinations(sorted(s), 2)}
+    truth = {p for g in groups for p in itertools.combinations(sorted(g), 2)}
+    recall = len(found & truth) / len(truth) if truth else float("nan")
+    precision = len(found & truth) / len(found) if found else float("nan")
+    return {"pair_recall": recall, "pair_precision": precision}

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from specialists.clustering import (affinity, assign_subsets, online_kmeans, pair_agreement,
+                                    prediction_covariance)
+
+BLOCKS = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+
+
+def planted_probs(n=3000, loner=True, seed=0):
+    """A generalist that confuses classes only within planted blocks; class 9 is never confused."""
+    g = torch.Generator().manual_seed(seed)
+    classes = 10 if loner else 9
+    true = torch.randint(classes, (n,), generator=g)
+    probs = torch.full((n, classes), 0.002)
+    for i, t in enumerate(true.tolist()):
+        block = next((b for b in BLOCKS if t in b), [t])
+        share = torch.rand(len(block), generator=g) ** 2
+        probs[i, block] += 0.6 * share / share.sum()
+        probs[i, t] += 0.4
+    return probs / probs.sum(1, keepdim=True)
+
+
+def test_covariance_matches_torch():
+    p = planted_probs(200)
+    torch.testing.assert_close(prediction_covariance(p), torch.cov(p.T))
+
+
+@pytest.mark.parametrize("compare", ["correlation", "offdiag"])
+def test_recovers_planted_blocks(compare):
+    aff = affinity(prediction_covariance(planted_probs(loner=False)), compare)
+    assert aff.diagonal().abs().max() == 0  # the diagonal is left out
+    subsets = assign_subsets(aff, k=3, seed=1)
+    assert sorted(subsets) == BLOCKS
+    assert pair_agreement(subsets, BLOCKS) == {"pair_recall": 1.0, "pair_precision": 1.0}
+
+
+def test_overlap_loners_and_minimum_size():
+    aff = affinity(prediction_covariance(planted_probs()), "correlation")
+    # with a fourth cluster the never-confused class 9 is alone, and a subset of one is dropped
+    assert sorted(assign_subsets(aff, k=4, seed=0)) == BLOCKS
+    # forced into one of three clusters, it is tied to none and stays with the generalist
+    kept = assign_subsets(aff, k=3, seed=0, min_tie=0.0)
+    assert all(9 not in s for s in kept) and len(kept) == 3
+    # overlap: every class also joins its nearest other cluster
+    overlapping = assign_subsets(aff, k=3, seed=0, overlap=1, min_tie=0.0)
+    assert all(sum(c in s for s in overlapping) == 2 for c in range(9))
+
+
+def test_online_kmeans_finds_separated_centres():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.0, 5.0]])
+    points = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
+    found = online_kmeans(points, 3, iterations=50, batch=20, seed=3).float()
+    dist = torch.cdist(centres, found)
+    assert dist.min(1).values.max() < 0.2
+
+
+def test_pair_agreement_counts_pairs():
+    got = pair_agreement([[0, 1, 5]], [[0, 1, 2], [5, 6]])
+    assert got["pair_recall"] == pytest.approx(1 / 4) and got["pair_precision"] == pytest.approx(1 / 3)

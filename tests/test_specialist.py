@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from specialists.specialist import (SpecialistNet, draw_batch, dustbin_offset, local_labels,
+                                    specialist_output)
+
+
+def test_local_labels():
+    y = torch.tensor([0, 3, 7, 3, 9])
+    assert local_labels(y, torch.tensor([3, 7]), 10).tolist() == [2, 0, 1, 0, 2]
+
+
+def test_output_layer_starts_from_the_generalist():
+    torch.manual_seed(0)
+    gen = nn.Linear(6, 5)
+    with torch.no_grad():
+        gen.weight[[0, 2, 3]] = gen.weight[0].clone()  # the rest's rows equal: their log-sum-exp is exact
+        gen.bias[[0, 2, 3]] = gen.bias[0].clone()
+    members = torch.tensor([1, 4])
+    spec = specialist_output(gen, members)
+    h = torch.randn(8, 6)
+    z, s = gen(h), spec(h)
+    torch.testing.assert_close(s[:, :2], z[:, members])
+    torch.testing.assert_close(s[:, 2], torch.logsumexp(z[:, [0, 2, 3]], 1))
+
+
+def test_draw_batch_shares():
+    g = torch.Generator().manual_seed(0)
+    inside, outside = torch.arange(0, 10), torch.arange(10, 1000)
+    idx = draw_batch(inside, outside, 100, 0.5, g)
+    assert (idx < 10).sum() == 50 and len(idx) == 100
+    many = torch.cat([draw_batch(inside, outside, 100, 0.5, g) for _ in range(200)])
+    rest = many[many >= 10]
+    assert abs((rest < 505).float().mean().item() - 0.5) < 0.03  # uniform over the others
+
+
+def test_offset_formula():
+    assert dustbin_offset(0.5, 0.2) == pytest.approx(math.log(0.5 * 0.8 / (0.2 * 0.5)))
+    assert dustbin_offset(0.3, 0.3) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        dustbin_offset(1.0, 0.2)
+
+
+def test_corrected_dustbin_probability_matches_natural_share():
+    """Trained on 50/50 batches, the corrected specialist's mean dustbin probability on data in
+    natural proportions comes out near 1 - pi; uncorrected it would not."""
+    g = torch.Generator().manual_seed(0)
+    n, pi = 20_000, 0.2
+    y = (torch.rand(n, generator=g) >= pi).long()  # 0: the subset's one class; 1: everything else
+    x = torch.randn(n, 2, generator=g) + torch.tensor([[1.0, 0.0]]) * (1 - 2 * y[:, None])
+    net = SpecialistNet(nn.Identity(), nn.Linear(2, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    inside, outside = (y == 0).nonzero().flatten(), (y == 1).nonzero().flatten()
+    seen_in = seen = 0
+    for _ in range(1500):
+        idx = draw_batch(inside, outside, 200, 0.5, g)
+        loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen_in += int((y[idx] == 0).sum())
+        seen += len(idx)
+    net.eval()
+    with torch.no_grad():
+        raw = torch.softmax(net(x), 1)[:, -1].mean().item()
+        net.dustbin_offset.fill_(dustbin_offset(seen_in / seen, pi))
+        corrected = torch.softmax(net(x), 1)[:, -1].mean().item()
+    assert abs(corrected - (1 - pi)) < 0.02
+    assert abs(raw - (1 - pi)) > 0.1
