@@ -11,9 +11,12 @@ import ray
 from ensemble.config import ResourcesConfig
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
+from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
 from ensemble.train import Trainer
 
-REMOTE = {"generalist": ray.remote(Trainer), "student": ray.remote(Student)}
+REMOTE = {"generalist": ray.remote(Trainer), "specialist": ray.remote(SpecialistTrainer),
+          "student": ray.remote(Student)}
+TASKS = {"coordinate": ray.remote(coordinate), "evaluate_ensemble": ray.remote(evaluate_ensemble)}
 
 
 def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *args):
@@ -22,6 +25,12 @@ def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *arg
         name=name, namespace=namespace, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
     ).remote(*args)
+
+
+def run_task(task: str, res: ResourcesConfig, *args):
+    """Run the pure function `task` on the cluster with the resources of `res`; return its result."""
+    return ray.get(TASKS[task].options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                       max_retries=res.max_task_retries).remote(*args))
 
 
 def check_resources(requests: dict[str, ResourcesConfig]) -> None:

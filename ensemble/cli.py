@@ -115,6 +115,18 @@ def cmd_eval(args) -> int:
         test_errors = count_errors(model, *test)
         print(f"| {name} | {meta['best_epoch']} | {count_errors(model, *val)} | {test_errors} | "
               f"{100 * test_errors / max(1, len(splits.test_y)):.2f} % |")
+    specialists = [m for m in models if m.startswith("specialist-")]
+    if specialists:
+        from ensemble.specialize import evaluate_ensemble
+
+        blobs = lambda names: [run.latest(n)[0] for n in names]  # noqa: E731
+        generalists = [m for m in models if m.startswith("generalist-")]
+        result = evaluate_ensemble(blobs(generalists), blobs(specialists), cfg.specialists,
+                                   splits, cfg.device)
+        for who, key in (("generalists alone", "generalist_errors"),
+                         ("generalists + specialists", "ensemble_errors")):
+            print(f"| {who} | | {result['val'][key]} | {result['test'][key]} | "
+                  f"{100 * result['test'][key] / max(1, len(splits.test_y)):.2f} % |")
     return 0
 
 

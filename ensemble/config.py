@@ -110,6 +110,38 @@ class GeneralistsConfig:
 
 
 @dataclass(frozen=True)
+class SpecialistsConfig:
+    k: int = 0  # clusters of confusable classes, one specialist each; 0 = no specialists
+    covariance_on: Literal["val", "transfer"] = "val"  # held-out inputs to cluster on; no labels
+    temperature: float = 1.0  # > 1 shows the confusions a confident generalist hides
+    compare: Literal["correlation", "offdiag"] = "offdiag"  # columns without the diagonal; offdiag
+    #   recovered Fashion-MNIST's garments and footwear best (results/clustering_fashion-mnist.md)
+    iterations: int = 100  # online k-means passes over the columns
+    seed: int = 0  # k-means seed (with 10 restarts; the tightest clustering wins)
+    overlap: int = 0  # each class also joins its r nearest other clusters (the paper's overlapped)
+    min_tie: float = -1.0  # a class less tied than this to every cluster stays with the generalist
+    min_size: int = 2  # smaller subsets get no specialist
+    fraction: float = 0.5  # §5.1: half of each batch from the subset, half from the rest
+    top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
+    combine_tol: float = 1e-7  # stop the eq. 5 solver when q moves less than this
+    combine_steps: int = 500  # ... or after this many steps
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, jitter=2))
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self):
+        _require(self.k >= 0, "k", "must be >= 0", self.k)
+        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
+        _require(self.overlap >= 0, "overlap", "must be >= 0", self.overlap)
+        _require(-1.0 <= self.min_tie <= 1.0, "min_tie", "must be in [-1, 1]", self.min_tie)
+        _require(self.min_size >= 2, "min_size", "must be >= 2", self.min_size)
+        _require(0.0 < self.fraction < 1.0, "fraction", "must be in (0, 1)", self.fraction)
+        _require(self.top_n >= 1, "top_n", "must be >= 1", self.top_n)
+        _require(self.combine_tol > 0, "combine_tol", "must be > 0", self.combine_tol)
+        _require(self.combine_steps >= 1, "combine_steps", "must be >= 1", self.combine_steps)
+
+
+@dataclass(frozen=True)
 class StudentConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         hidden=(800, 800), dropout_in=0.0, dropout_hidden=0.0))  # §3: 784-800-800-10, no regulariser
@@ -120,6 +152,8 @@ class StudentConfig:
     teacher_mean: Literal["probs", "logits"] = "probs"  # average the generalists' probabilities or logits
     drop_classes: tuple[int, ...] = ()  # transfer-set filter: classes never shown (§3: no 3s)
     keep_classes: tuple[int, ...] = ()  # transfer-set filter: only these classes (§3: 7s and 8s)
+    soft_targets: Literal["generalists", "ensemble"] = "generalists"  # ensemble: eq. 5's q with
+    #                                                    the specialists (needs specialists.k > 0)
 
     def __post_init__(self):
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
@@ -139,13 +173,21 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where torch sees a GPU, else CPU
     data: DataConfig = field(default_factory=DataConfig)
     generalists: GeneralistsConfig = field(default_factory=GeneralistsConfig)
+    specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
     students: dict[str, StudentConfig] = field(default_factory=dict)  # name -> recipe; may be empty
 
     def __post_init__(self):
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",
                  "must use only letters, digits, '.', '_' and '-'", self.name)
         classes = NUM_CLASSES[self.data.name]
+        _require(self.specialists.k <= classes, "specialists.k",
+                 f"must be at most the number of classes ({classes})", self.specialists.k)
+        _require(self.specialists.top_n <= classes, "specialists.top_n",
+                 f"must be at most the number of classes ({classes})", self.specialists.top_n)
         for name, student in self.students.items():
+            _require(student.soft_targets == "generalists" or self.specialists.k > 0,
+                     f"students.{name}.soft_targets", "can be 'ensemble' only with specialists "
+                     "(specialists.k > 0)", student.soft_targets)
             _require(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, f"students.{name}",
                      "must be named with letters, digits, '_' and '-' only", name)
             for key in ("drop_classes", "keep_classes"):

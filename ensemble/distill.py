@@ -69,18 +69,26 @@ class Teacher:
 
 class Student(Trainer):
     """Trains a student on the transfer set with soft targets from `teachers` (checkpoint blobs of
-    the generalists); with alpha = 0 it is a plain hard-label baseline and needs no teacher."""
+    the generalists), or with `soft_targets: ensemble` from the generalists and `specialists`
+    combined by eq. 5; with alpha = 0 it is a plain hard-label baseline and needs no teacher."""
 
     def __init__(self, name: str, cfg: StudentConfig, data: Splits, teachers: Sequence[bytes],
-                 seed: int, threads: int = 1, device: str = "auto"):
+                 seed: int, threads: int = 1, device: str = "auto",
+                 specialists: Sequence[bytes] = (), specialists_cfg=None):
         keep = transfer_mask(data.train_y, cfg.drop_classes, cfg.keep_classes)
         super().__init__(name, cfg.model, cfg.train, data.with_train(keep), seed, threads, device)
         self.temperature, self.alpha = cfg.temperature, cfg.alpha
         self.teacher: Teacher | None = None
         self.targets: torch.Tensor | None = None
-        if cfg.uses_teacher:
+        if cfg.uses_teacher and cfg.soft_targets == "ensemble":
+            from ensemble.specialize import Ensemble  # specialize builds on this module
+
+            self.teacher = Ensemble.from_checkpoints(list(teachers), list(specialists),
+                                                     specialists_cfg, self.device)
+        elif cfg.uses_teacher:
             models = [model_from_checkpoint(blob, self.device)[0] for blob in teachers]
             self.teacher = Teacher(models, cfg.teacher_mean)
+        if self.teacher is not None:
             if cfg.train.jitter == 0:  # a fixed transfer set: its soft targets are computed once
                 self.targets = self.teacher.probs(self.x, self.temperature)
 

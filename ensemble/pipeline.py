@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import RayError
 
 from ensemble import checkpoint
-from ensemble.actors import check_resources, start_actor
+from ensemble.actors import check_resources, run_task, start_actor
 from ensemble.config import ResourcesConfig, RunConfig
 from ensemble.data import Splits
 from ensemble.errors import ConfigError, TrainingError
@@ -27,6 +27,7 @@ from ensemble.rundir import RunDir
 from ensemble.tracking import Tracker
 
 STUDENT_SEED_OFFSET = 1000  # students' seeds stay clear of the generalists' seed, seed+1, ...
+SPECIALIST_SEED_OFFSET = 2000  # and so do the specialists'
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Pipeline:
         self.cfg, self.run, self.splits, self.tracker = cfg, run, splits, tracker
         self.namespace = "ensemble-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.path.resolve().name)
         self.jobs: dict[str, Job] = {}
+        self.subsets: dict | None = None  # the coordinator's report
+        self.ensemble: dict | None = None  # generalists vs generalists + specialists
 
     # ------------------------------------------------------------ the stages ---------------------
     def execute(self, data_ref) -> dict[str, Job]:
@@ -92,20 +95,59 @@ class Pipeline:
                        for i in range(gen.count)]
         self._train(generalists)
         teachers = [job for job in generalists if job.finished and not job.error]
-        teacher_ref = ray.put([self._bytes(job.blob) for job in teachers]) if teachers else None
-        students = []
+        complete = len(teachers) == gen.count
+        teacher_ref = ray.put([self._bytes(job.blob) for job in teachers]) if complete else None
+        specialist_ref = None
+        if cfg.specialists.k > 0:
+            specialist_ref = self._specialists(teacher_ref, data_ref) if complete else None
         for k, (name, scfg) in enumerate(cfg.students.items()):
-            if scfg.uses_teacher and len(teachers) < gen.count:
-                self.jobs[f"student-{name}"] = Job(
-                    f"student-{name}", "student", (), scfg.resources, scfg.train.epochs,
-                    error="not trained: its teacher (the generalists) did not finish")
+            why = None
+            if scfg.uses_teacher and not complete:
+                why = "its teacher (the generalists) did not finish"
+            elif scfg.uses_teacher and scfg.soft_targets == "ensemble" and specialist_ref is None:
+                why = "its teacher (the specialists) did not finish"
+            if why:
+                self.jobs[f"student-{name}"] = Job(f"student-{name}", "student", (),
+                                                   scfg.resources, scfg.train.epochs,
+                                                   error=f"not trained: {why}")
                 continue
-            students.append(self._job(
-                f"student-{name}", "student", scfg.resources, scfg.train.epochs,
-                (f"student-{name}", scfg, data_ref, teacher_ref if scfg.uses_teacher else [],
-                 cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device)))
-        self._train(students)
+            self._job(f"student-{name}", "student", scfg.resources, scfg.train.epochs,
+                      (f"student-{name}", scfg, data_ref, teacher_ref if scfg.uses_teacher else [],
+                       cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device,
+                       specialist_ref if scfg.soft_targets == "ensemble" else [],
+                       cfg.specialists))
+        self._train([j for j in self.jobs.values() if j.role == "student" and not j.error])
         return self.jobs
+
+    def _specialists(self, teacher_ref, data_ref):
+        """The coordinator, then one specialist per subset in parallel, then eq. 5 on val and
+        test. Returns an ObjectRef of the specialists' checkpoints, or None if one failed."""
+        cfg, spec = self.cfg, self.cfg.specialists
+        self.subsets = self.run.read_json("subsets.json")  # a resumed run keeps its subsets
+        if self.subsets is None:
+            self.subsets = run_task("coordinate", self.cfg.generalists.resources, spec,
+                                    teacher_ref, data_ref, cfg.device)
+            self.run.write_json("subsets.json", self.subsets)
+        for i, names in enumerate(self.subsets["names"]):
+            self.tracker.line(f"specialist-{i:<5} covers {', '.join(names)}")
+        generalist_ref = ray.put(ray.get(teacher_ref)[0])  # specialists start from generalist-0
+        jobs = [self._job(f"specialist-{i}", "specialist", spec.resources, spec.train.epochs,
+                          (f"specialist-{i}", members, generalist_ref, spec, data_ref,
+                           cfg.seed + SPECIALIST_SEED_OFFSET + i, spec.resources.threads,
+                           cfg.device))
+                for i, members in enumerate(self.subsets["subsets"])]
+        self._train(jobs)
+        if any(job.error or not job.finished for job in jobs):
+            return None
+        specialist_ref = ray.put([self._bytes(job.blob) for job in jobs])
+        self.ensemble = run_task("evaluate_ensemble", spec.resources, teacher_ref,
+                                 specialist_ref, spec, data_ref, cfg.device)
+        self.ensemble["top_n"] = spec.top_n
+        self.run.write_json("ensemble.json", self.ensemble)
+        test = self.ensemble["test"]
+        self.tracker.line(f"{'ensemble':<16} test errors: generalists {test['generalist_errors']}, "
+                          f"with specialists {test['ensemble_errors']}")
+        return specialist_ref
 
     def _job(self, name, role, resources, epochs, args) -> Job:
         job = Job(name, role, args, resources, epochs)
@@ -189,6 +231,8 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         requests = {f"generalist-{i}": cfg.generalists.resources
                     for i in range(cfg.generalists.count)}
         requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
+        if cfg.specialists.k:
+            requests["specialists"] = cfg.specialists.resources
         check_resources(requests)
         if not resume:
             run.create(cfg)
@@ -196,7 +240,7 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         pipe.execute(data_ref)
     results = pipe.results()
     run.write_metrics(results)
-    tracker.line("\n" + run.write_summary(cfg.name, results))
+    tracker.line("\n" + run.write_summary(cfg.name, results, pipe.subsets, pipe.ensemble))
     failed = [f"{name} ({m['error']})" for name, m in results.items() if m["error"]]
     if failed:
         raise TrainingError(f"{len(failed)} model(s) failed: {'; '.join(failed)}; the others' "

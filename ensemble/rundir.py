@@ -60,8 +60,16 @@ class RunDir:
         checkpoint.write_atomic(self.path / "metrics.json",
                                 json.dumps({"models": models}, indent=1).encode())
 
-    def write_summary(self, title: str, models: dict[str, dict]) -> str:
-        text = summary_table(title, models)
+    def read_json(self, name: str) -> dict | None:
+        path = self.path / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write_json(self, name: str, data: dict) -> None:
+        checkpoint.write_atomic(self.path / name, json.dumps(data, indent=1).encode())
+
+    def write_summary(self, title: str, models: dict[str, dict], subsets: dict | None = None,
+                      ensemble: dict | None = None) -> str:
+        text = summary_table(title, models) + specialists_section(subsets, ensemble)
         checkpoint.write_atomic(self.path / "summary.md", text.encode())
         return text
 
@@ -83,6 +91,37 @@ def summary_table(title: str, models: dict[str, dict]) -> str:
     failed = [f"- {name}: {m['error']}" for name, m in models.items() if m.get("error")]
     if failed:
         lines += ["", "Failed:", *failed]
+    return "\n".join(lines) + "\n"
+
+
+def specialists_section(subsets: dict | None, ensemble: dict | None) -> str:
+    """Markdown: the class subsets, their agreement with known groups, generalist vs ensemble
+    errors and the paper's Table 4 view."""
+    if not subsets:
+        return ""
+    lines = ["", f"## Specialists ({len(subsets['subsets'])})", "",
+             f"Subsets from the covariance of the generalists' predictions on "
+             f"{subsets['inputs']:,} {subsets['covariance_on']} inputs (no labels):", ""]
+    for i, (members, names) in enumerate(zip(subsets["subsets"], subsets["names"])):
+        lines.append(f"- specialist-{i}: {', '.join(f'{c} {n}' for c, n in zip(members, names))}")
+    if "agreement" in subsets:
+        groups = "; ".join(f"{k}: {v}" for k, v in subsets["known_groups"].items())
+        a = subsets["agreement"]
+        lines += ["", f"Agreement with the known groups ({groups}): pair recall "
+                      f"{a['pair_recall']:.2f}, pair precision {a['pair_precision']:.2f}."]
+    if ensemble:
+        lines += ["", "| | val errors | test errors |", "|---|---:|---:|",
+                  f"| generalists alone | {ensemble['val']['generalist_errors']} | "
+                  f"{ensemble['test']['generalist_errors']} |",
+                  f"| with specialists (eq. 5, top-{ensemble.get('top_n', 1)}) | "
+                  f"{ensemble['val']['ensemble_errors']} | {ensemble['test']['ensemble_errors']} |",
+                  "", "Test examples by the number of specialists covering their true class "
+                  "(the paper's Table 4):", "",
+                  "| specialists | examples | correct, generalists | correct, with specialists "
+                  "| change | relative |", "|---:|---:|---:|---:|---:|---:|"]
+        for r in ensemble["table4"]:
+            lines.append(f"| {r['specialists']} | {r['examples']} | {r['generalist_correct']} | "
+                         f"{r['ensemble_correct']} | {r['change']:+d} | {r['relative']:+.2%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ randomness (batch order, jitter, dropout) comes from RNG states that the checkpo
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Callable
@@ -74,7 +75,7 @@ class Trainer:
         self.device = pick_device(device)
         self.classes, self.image_shape = data.num_classes, data.image_shape
         torch.manual_seed(seed)
-        self.model = build_model(model_cfg, data.image_shape, data.num_classes).to(self.device)
+        self.model = self.make_model(data).to(self.device)
         self.x, self.y = to_device(data.train_x, self.device), labels_to_device(data.train_y,
                                                                                 self.device)
         self.val = (to_device(data.val_x, self.device), labels_to_device(data.val_y, self.device))
@@ -97,6 +98,21 @@ class Trainer:
         self.best_state = self._state_copy()
         self.step_hook: Callable[["Trainer", int], None] | None = None  # tests inject faults here
 
+    # ------------------------------------------------------------ what subclasses change ---------
+    def make_model(self, data: Splits) -> nn.Module:
+        """The network to train (a specialist starts from its generalist instead)."""
+        return build_model(self.model_cfg, data.image_shape, data.num_classes)
+
+    def epoch_batches(self):
+        """Index tensors of one epoch's batches: a fresh permutation, sliced."""
+        n, size = len(self.x), self.cfg.batch_size
+        perm = torch.randperm(n, device=self.device, generator=self.batches)
+        return (perm[lo:lo + size] for lo in range(0, n, size))
+
+    def extra_meta(self) -> dict:
+        """What a subclass adds to its checkpoint's metadata to rebuild its model."""
+        return {}
+
     # ------------------------------------------------------------ one epoch ----------------------
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean loss of the training examples at `idx` (B,) -> ()."""
@@ -111,12 +127,10 @@ class Trainer:
             group["lr"] = lr
         self._restore_rng()
         model.train()
-        n = len(self.x)
-        perm = torch.randperm(n, device=self.device, generator=self.batches)
+        n = 0
         total = torch.zeros((), device=self.device)
         start = time.perf_counter()
-        for step, lo in enumerate(range(0, n, cfg.batch_size)):
-            idx = perm[lo:lo + cfg.batch_size]
+        for step, idx in enumerate(self.epoch_batches()):
             loss = self.batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -124,6 +138,7 @@ class Trainer:
             if self.model_cfg.max_norm > 0:
                 apply_max_norm(model, self.model_cfg.max_norm)
             total += loss.detach() * len(idx)
+            n += len(idx)
             if self.step_hook is not None:
                 self.step_hook(self, step)
         mean_loss = float(total) / n  # the epoch's one host sync
@@ -207,7 +222,7 @@ class Trainer:
                 "classes": self.classes, "image_shape": list(self.image_shape),
                 "best_epoch": self.best_epoch,
                 "best_val_errors": self.best_val_errors, "history": self.history,
-                "summary": self.summary()}
+                "summary": self.summary(), **self.extra_meta()}
         return checkpoint.dumps(tensors, meta)
 
     def load(self, blob: bytes) -> None:
@@ -238,7 +253,7 @@ class Trainer:
 
     def best_model(self) -> nn.Module:
         """The model with its best-on-validation weights loaded (a copy; training is untouched)."""
-        model = build_model(self.model_cfg, self.image_shape, self.classes).to(self.device)
+        model = copy.deepcopy(self.model)
         model.load_state_dict(self.best_state)
         return model.eval()
 
@@ -250,11 +265,17 @@ def model_from_checkpoint(blob: bytes, device: torch.device,
     try:
         cfg = parse(ModelConfig, meta["model"], "model")
         image_shape = tuple(int(d) for d in meta["image_shape"])
-        classes = int(meta["classes"])
+        classes = int(meta.get("generalist_classes", meta["classes"]))
     except Exception:
         raise CheckpointError(f"checkpoint of '{meta.get('name')}' has no valid model "
                               "description") from None
-    model = build_model(cfg, image_shape, classes).to(device)
+    model = build_model(cfg, image_shape, classes)
+    if "members" in meta:  # a specialist: the generalist's features, its own output layer
+        from specialists.specialist import SpecialistNet
+
+        model = SpecialistNet(model.features, nn.Linear(model.output.in_features,
+                                                        len(meta["members"]) + 1))
+    model = model.to(device)
     prefix = which + "."
     try:
         model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()

@@ -89,10 +89,18 @@ def combine(generalist_probs: torch.Tensor, P: torch.Tensor, d: torch.Tensor, S:
     ad = a * d  # (B, M): dustbin mass of the active specialists
     mass = 1.0 + a.sum(1, keepdim=True)  # (B, 1): 1 + n
     q = generalist_probs.clone()  # z starts at the generalist's logits
+    out = q.clone()
+    rows = torch.arange(len(q), device=q.device)  # inputs still moving
     for step in range(max_steps):
-        rest = (q @ outside.T).clamp_min(EPS)  # (B, M)
+        rest = (q @ outside.T).clamp_min(EPS)  # (b, M)
         new = (w + q * ((ad / rest) @ outside)) / mass  # = q - g / (1 + n)
-        if step % CHECK_EVERY == CHECK_EVERY - 1 and (new - q).abs().max() < tol:
-            return new  # the test syncs with the host, so it runs every few steps only
+        if step % CHECK_EVERY == CHECK_EVERY - 1:  # the test syncs with the host: not every step
+            moving = (new - q).abs().amax(1) >= tol
+            if not bool(moving.all()):  # retire the inputs that have converged
+                out[rows] = new
+                rows, new, w, ad, mass = (t[moving] for t in (rows, new, w, ad, mass))
+                if len(rows) == 0:
+                    return out
         q = new
-    return q
+    out[rows] = q
+    return out

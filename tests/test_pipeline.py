@@ -100,3 +100,50 @@ def test_unsatisfiable_request_fails_at_once(ray_session, data_root, tmp_path, c
                  "--set", "generalists.resources.num_gpus=1"]) == 2
     assert "asks for 1 GPU" in capsys.readouterr().err
     assert not run.exists()
+
+
+SPECIALISTS = """
+name: tiny-specialists
+data: {val_size: 100, download: false}
+generalists:
+  count: 1
+  model: {hidden: [32, 32], dropout_in: 0.0, dropout_hidden: 0.1}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+specialists:
+  k: 3
+  train: {epochs: 1, batch_size: 50, lr: 0.1, jitter: 0}
+students:
+  all:
+    model: {hidden: [16]}
+    train: {epochs: 1, batch_size: 50, lr: 0.3}
+    temperature: 2.0
+    soft_targets: ensemble
+"""
+
+
+def test_specialists_stage_end_to_end(ray_session, data_root, tmp_path, capsys):
+    config = tmp_path / "spec.yaml"
+    config.write_text(SPECIALISTS)
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+    subsets = json.loads((run / "subsets.json").read_text())
+    assert subsets["subsets"] and len(subsets["names"]) == len(subsets["subsets"])
+    ensemble = json.loads((run / "ensemble.json").read_text())
+    assert sum(r["examples"] for r in ensemble["table4"]) == 200
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    specialists = [n for n in metrics if n.startswith("specialist-")]
+    assert len(specialists) == len(subsets["subsets"])
+    assert all(metrics[n]["status"] == "finished" for n in metrics)
+    summary = (run / "summary.md").read_text()
+    assert "## Specialists" in summary and "Table 4" in summary
+    out = capsys.readouterr().out
+    assert "specialist-0" in out and "with specialists" in out
+    # resuming keeps the subsets and every finished model
+    before = (run / "subsets.json").read_bytes()
+    assert main(["run", "--resume", str(run), "--data-dir", str(data_root)]) == 0
+    assert (run / "subsets.json").read_bytes() == before
+    assert "specialist-0     finished earlier" in capsys.readouterr().out
+    assert main(["eval", str(run), "--data-dir", str(data_root)]) == 0
+    rows = capsys.readouterr().out
+    assert f"| generalists + specialists | | {ensemble['val']['ensemble_errors']} | " \
+           f"{ensemble['test']['ensemble_errors']} |" in rows
