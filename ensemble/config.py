@@ -1,7 +1,8 @@
 """Typed run configuration: frozen dataclasses, YAML files, dotted overrides, one validation pass.
 
 A config file is YAML whose keys mirror the dataclasses below; every key is optional (the
-defaults are the paper's where it has one). `--set students.distilled.temperature=8` overrides a
+defaults are the paper's where it has one). Keys starting with `x-` are ignored: they hold YAML
+anchors that other sections reuse (`<<: *student`). `--set students.distilled.temperature=8` overrides a
 key. Everything is checked before any work starts: unknown keys (with a suggestion), wrong types
 and values out of range each raise one `ConfigError` naming the dotted key.
 """
@@ -273,6 +274,7 @@ def _build(cls: type, raw: Any, path: str, base: Any = None) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of keys to values, got {raw!r}")
     names = [f.name for f in fields(cls)]
+    raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # anchors for YAML reuse
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
