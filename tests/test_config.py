@@ -63,3 +63,12 @@ def test_resume_conflicts_allow_only_more_epochs():
     assert resume_conflicts(more, old) == ["students.s.train.epochs"]
     other = from_dict({"students": {"s": {"temperature": 3}}, "seed": 2})
     assert resume_conflicts(old, other) == ["seed", "students.s.temperature"]
+
+
+def test_x_keys_hold_yaml_anchors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("x-s: &s {temperature: 3.0, model: {hidden: [30]}}\n"
+                    "students:\n  a: *s\n  b: {<<: *s, temperature: 4.0}\n")
+    cfg = load_config(path)
+    assert cfg.students["a"].temperature == 3.0 and cfg.students["b"].temperature == 4.0
+    assert cfg.students["b"].model.hidden == (30,)
