@@ -1,0 +1,102 @@
+"""Faults injected for real on the shared local Ray: a training actor is SIGKILLed mid-run."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from ensemble import checkpoint
+from ensemble.cli import main
+from tests.conftest import write_mnist_like
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIG = """
+name: fault
+data: {val_size: 200, download: false}
+generalists:
+  count: 1
+  model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3, max_norm: 3.0}
+  train: {epochs: 8, batch_size: 20, lr: 0.1, jitter: 1}
+  resources: {max_restarts: 2, max_task_retries: 2}
+"""
+
+
+def final_tensors(run):
+    blob, meta = checkpoint.load_latest(run / "checkpoints" / "generalist-0")
+    return checkpoint.loads(blob)[0], meta
+
+
+def test_killed_actor_resumes_to_identical_weights(ray_session, tmp_path):
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "fault.yaml"
+    config.write_text(CONFIG)
+    argv = ["run", str(config), "--data-dir", str(data)]
+
+    killed_run = tmp_path / "killed"
+    result = []
+    thread = threading.Thread(target=lambda: result.append(main(argv + ["--run-dir",
+                                                                        str(killed_run)])))
+    thread.start()
+    first = killed_run / "checkpoints" / "generalist-0" / "epoch-0001.safetensors"
+    deadline = time.time() + 120
+    while not first.exists():  # the trigger is the first checkpoint, not a timer
+        assert time.time() < deadline and thread.is_alive(), "the run never checkpointed"
+        time.sleep(0.01)
+    actor = ray_session.get_actor("generalist-0", namespace="ensemble-killed")
+    pid = ray_session.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    last = checkpoint.epochs_in(first.parent)[0][0]
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert result == [0]
+    assert last < 8  # the kill landed before the model finished, so Ray had to restart it
+
+    straight_run = tmp_path / "straight"
+    assert main(argv + ["--run-dir", str(straight_run)]) == 0
+    killed, meta = final_tensors(killed_run)
+    straight, _ = final_tensors(straight_run)
+    assert meta["epoch"] == 8
+    for key in straight:
+        if key.startswith(("model.", "best.")):
+            assert torch.equal(killed[key], straight[key]), key
+
+
+NAN = """
+name: nan
+data: {val_size: 100, download: false}
+generalists:
+  count: 1
+  model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 1, batch_size: 50, lr: 0.3}
+students:
+  fine: {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50, lr: 0.1}, alpha: 0.0}
+  blows-up: {model: {hidden: [16]}, train: {epochs: 2, batch_size: 50, lr: 1.0e+12}, alpha: 0.0}
+"""
+
+
+def test_non_finite_loss_stops_only_that_model(ray_session, data_root, tmp_path, capsys):
+    import json
+
+    config = tmp_path / "nan.yaml"
+    config.write_text(NAN)
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 5
+    err = capsys.readouterr().err
+    assert "student-blows-up" in err and "epoch 1" in err and "Traceback" not in err
+    models = json.loads((run / "metrics.json").read_text())["models"]
+    assert models["student-blows-up"]["status"] == "failed"
+    assert models["student-fine"]["status"] == "finished"
+    assert (run / "checkpoints" / "student-fine" / "epoch-0001.safetensors").exists()
+    assert "Failed:" in (run / "summary.md").read_text()
+
+
+def test_interrupted_write_leaves_previous_checkpoint(tmp_path):
+    folder = tmp_path / "ckpt"
+    blob = checkpoint.dumps({"w": torch.ones(3)}, {"epoch": 1})
+    checkpoint.save_epoch(folder, 1, blob)
+    # a crash during the next write leaves only its temporary file behind
+    (folder / "epoch-0002.safetensors.tmp").write_bytes(blob[:20])
+    saved, meta = checkpoint.load_latest(folder)
+    assert meta["epoch"] == 1 and saved == blob
