@@ -62,8 +62,9 @@ def ray_session(address: str | None, namespace: str):
         return
     temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
     try:
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}  # a local Ray stays local
         ray.init(address=address, namespace=namespace, _temp_dir=temp,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
