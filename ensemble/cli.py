@@ -76,6 +76,8 @@ def cmd_run(args) -> int:
 
     cfg, path, resume = _resolve_run(args)
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
+    if resume:
+        RunDir(path).check_checkpoints(cfg)
     from ensemble.pipeline import run_pipeline  # imports Ray: only once the input is known good
 
     tracker = Tracker(path / "tb")

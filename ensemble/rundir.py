@@ -15,7 +15,7 @@ import yaml
 
 from ensemble import checkpoint
 from ensemble.config import RunConfig, from_dict, to_dict
-from ensemble.errors import ConfigError
+from ensemble.errors import CheckpointError, ConfigError
 
 
 class RunDir:
@@ -50,6 +50,24 @@ class RunDir:
 
     def latest(self, model: str) -> tuple[bytes, dict] | None:
         return checkpoint.load_latest(self.checkpoints(model))
+
+    def check_checkpoints(self, cfg: RunConfig) -> None:
+        """Before a resume starts anything: every model's latest checkpoint must be readable and
+        of the architecture the config names (CheckpointError otherwise)."""
+        for name in self.models():
+            saved = self.latest(name)
+            if saved is None:
+                continue
+            if name.startswith("student-") and name[len("student-"):] in cfg.students:
+                expected = cfg.students[name[len("student-"):]].model
+            elif name.startswith(("generalist-", "specialist-")):
+                expected = cfg.generalists.model  # specialists keep their generalist's layers
+            else:
+                raise CheckpointError(f"{self.checkpoints(name)} belongs to no model of this "
+                                      "run's config")
+            if saved[1].get("model") != to_dict(expected):
+                raise CheckpointError(f"the checkpoint in {self.checkpoints(name)} was saved for "
+                                      f"another architecture than {name}'s")
 
     def models(self) -> list[str]:
         folder = self.path / "checkpoints"

@@ -1,41 +1,147 @@
-"""Bad input: one sentence on stderr, a non-zero exit, no traceback, no run directory."""
+"""Bad input, table-driven: each case gives one sentence on stderr, a non-zero exit and no
+traceback, creates no run directory, and leaves an existing one byte for byte unchanged."""
+import gzip
+import hashlib
+
 import pytest
 
+from ensemble import checkpoint
 from ensemble.cli import main
+from ensemble.config import DataConfig, ModelConfig, TrainConfig, from_dict
+from ensemble.data import load_splits
+from ensemble.rundir import RunDir
+from ensemble.train import Trainer
+from tests.conftest import write_mnist_like
+
+CONFIG = "name: t\ndata: {val_size: 100, download: false}\n" \
+         "generalists: {model: {hidden: [16]}, train: {epochs: 2}}\n"
 
 
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("name: t\ndata: {val_size: 100, download: false}\n")
-    return path
+def break_file(name, how):
+    """A data-set factory whose file `name` is damaged in the way `how` says."""
+    def make(root):
+        write_mnist_like(root, n_train=300, n_test=50)
+        path = root / "mnist" / name
+        raw = gzip.decompress(path.read_bytes())
+        if how == "truncate":
+            raw = raw[:-7]
+        elif how == "magic":
+            raw = b"\x12\x34" + raw[2:]
+        elif how == "labels":
+            raw = raw[:8] + bytes([42]) * (len(raw) - 8)
+        path.write_bytes(gzip.compress(raw))
+        return root
+    return make
 
 
-CASES = [
-    (["run", "missing.yaml"], 2, "does not exist"),
-    (["run"], 2, "needs a CONFIG"),
-    (["run", "{config}", "--bogus"], 2, "unrecognized arguments"),
-    (["run", "{config}", "--set", "generalists.count=-1"], 2, "generalists.count must be >= 1"),
-    (["run", "{config}", "--set", "students.s.alpha=2"], 2, "students.s.alpha"),
-    (["run", "{config}", "--set", "generalists.train.epocs=2"], 2, "did you mean"),
-    (["run", "{config}", "--set", "noequals"], 2, "key=value"),
-    (["run", "{config}", "--data-dir", "{tmp}/nowhere"], 3, "not found; looked in"),
-    (["run", "--resume", "{tmp}/nowhere"], 2, "not a run directory"),
-    (["eval", "{tmp}/nowhere"], 2, "not a run directory"),
-]
+def saved_run(damage):
+    """A run directory with one checkpoint of generalist-0, spoilt by `damage`."""
+    def make(tmp):
+        data = write_mnist_like(tmp / "good-data", n_train=300, n_test=50)
+        cfg = from_dict({"name": "t", "data": {"val_size": 100, "download": False},
+                         "generalists": {"model": {"hidden": [16]}, "train": {"epochs": 2}}})
+        run = RunDir(tmp / "saved")
+        run.create(cfg)
+        model = ModelConfig(hidden=(24,)) if damage == "architecture" else cfg.generalists.model
+        splits = load_splits(DataConfig(val_size=100, download=False), data)
+        blob = Trainer("generalist-0", model, TrainConfig(epochs=2), splits, 0).checkpoint()
+        if damage == "corrupt":
+            blob = blob[:-50] + bytes(50)
+        if damage == "pickle":  # a payload that would create a file if anything unpickled it
+            blob = f"cos\nsystem\n(S'touch {tmp / 'pwned'}'\ntR.".encode()
+        checkpoint.save_epoch(run.checkpoints("generalist-0"), 1, blob)
+        return run.path
+    return make
 
 
-@pytest.mark.parametrize("argv, code, message", CASES)
-def test_bad_input(argv, code, message, config, tmp_path, capsys):
+CASES = {  # name: (argv, exit code, words the message must hold, optional data or run factory)
+    "missing config": (["run", "missing.yaml"], 2, "does not exist", None),
+    "no config": (["run"], 2, "needs a CONFIG", None),
+    "unknown flag": (["run", "{config}", "--bogus"], 2, "unrecognized arguments", None),
+    "unknown key": (["run", "{config}", "--set", "generalist.count=2"], 2, "did you mean", None),
+    "misspelt key": (["run", "{config}", "--set", "generalists.train.epocs=2"], 2,
+                     "did you mean 'generalists.train.epochs'", None),
+    "wrong type": (["run", "{config}", "--set", "generalists.count=two"], 2,
+                   "must be an integer", None),
+    "negative count": (["run", "{config}", "--set", "generalists.count=-1"], 2, ">= 1", None),
+    "T <= 0": (["run", "{config}", "--set", "students.s.temperature=0"], 2, "must be > 0",
+               None),
+    "alpha > 1": (["run", "{config}", "--set", "students.s.alpha=2"], 2, "alpha", None),
+    "k > classes": (["run", "{config}", "--set", "specialists.k=11"], 2,
+                    "number of classes", None),
+    "no classes left": (["run", "{config}", "--set", "students.s.drop_classes=[0,1,2,3,4,5,6,"
+                         "7,8,9]"], 2, "at least one class", None),
+    "class out of range": (["run", "{config}", "--set", "students.s.keep_classes=[10]"], 2,
+                           "class indices", None),
+    "ensemble without specialists": (["run", "{config}", "--set",
+                                      "students.s.soft_targets=ensemble"], 2, "specialists",
+                                     None),
+    "fractional GPUs above 1": (["run", "{config}", "--set",
+                                 "generalists.resources.num_gpus=1.5"], 2, "whole number", None),
+    "bad override": (["run", "{config}", "--set", "noequals"], 2, "key=value", None),
+    "missing data": (["run", "{config}", "--data-dir", "{tmp}/nowhere"], 3,
+                     "not found; looked in", None),
+    "val split too large": (["run", "{config}", "--set", "data.val_size=5000"], 3,
+                            "leaves no training data", None),
+    "truncated IDX": (["run", "{config}"], 3, "truncated",
+                      break_file("train-images-idx3-ubyte.gz", "truncate")),
+    "wrong magic": (["run", "{config}"], 3, "magic",
+                    break_file("t10k-labels-idx1-ubyte.gz", "magic")),
+    "labels out of range": (["run", "{config}"], 3, "labels must lie",
+                            break_file("train-labels-idx1-ubyte.gz", "labels")),
+    "resume of no run": (["run", "--resume", "{tmp}/nowhere"], 2, "not a run directory", None),
+    "eval of no run": (["eval", "{tmp}/nowhere"], 2, "not a run directory", None),
+    "existing run dir": (["run", "{config}", "--run-dir", "{saved}"], 2, "already exists",
+                         saved_run(None)),
+    "changed config on resume": (["run", "--resume", "{saved}", "--set",
+                                  "generalists.train.lr=0.5"], 2, "generalists.train.lr",
+                                 saved_run(None)),
+    "checkpoint of another architecture": (["run", "--resume", "{saved}"], 4,
+                                           "another architecture", saved_run("architecture")),
+    "corrupted checkpoint": (["run", "--resume", "{saved}"], 4, "damaged", saved_run("corrupt")),
+    "pickle planted as a checkpoint": (["run", "--resume", "{saved}"], 4, "not a checkpoint",
+                                       saved_run("pickle")),
+}
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        h.update(str(p.relative_to(path)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, tmp_path, capsys):
+    argv, code, message, factory = CASES[case]
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    data = tmp_path / "data"
+    saved = None
+    if factory is not None and "saved" in " ".join(argv):
+        saved = factory(tmp_path)
+        data = tmp_path / "good-data"
+    elif factory is not None:
+        factory(data)
+    else:
+        write_mnist_like(data, n_train=300, n_test=50)
+    before = tree_digest(saved) if saved else None
     run_dir = tmp_path / "run"
-    argv = [a.format(config=config, tmp=tmp_path) for a in argv]
-    if argv[0] == "run" and "--resume" not in argv:
+    argv = [a.format(config=config, tmp=tmp_path, saved=saved) for a in argv]
+    if argv[0] == "run" and "--run-dir" not in argv and "--resume" not in argv:
         argv += ["--run-dir", str(run_dir)]
+    if argv[0] == "run" and "--data-dir" not in argv:
+        argv += ["--data-dir", str(data)]
     assert main(argv) == code
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err and "Traceback" not in err, err
     assert err.startswith("ensemble: error:") and err.count("\n") == 1
     assert not run_dir.exists()
+    if saved:
+        assert tree_digest(saved) == before
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_bad_yaml(tmp_path, capsys):

@@ -100,3 +100,43 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path):
     (folder / "epoch-0002.safetensors.tmp").write_bytes(blob[:20])
     saved, meta = checkpoint.load_latest(folder)
     assert meta["epoch"] == 1 and saved == blob
+
+
+BUDGET = """
+name: budget
+data: {val_size: 200, download: false}
+generalists:
+  count: 2
+  model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3}
+  train: {epochs: 6, batch_size: 20, lr: 0.1}
+  resources: {max_restarts: 0, max_task_retries: 0}
+"""
+
+
+def test_actor_past_its_restart_budget_fails_alone(ray_session, tmp_path, capsys):
+    import json
+
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "budget.yaml"
+    config.write_text(BUDGET)
+    run = tmp_path / "budget-run"
+    result = []
+    thread = threading.Thread(target=lambda: result.append(main(
+        ["run", str(config), "--data-dir", str(data), "--run-dir", str(run)])))
+    thread.start()
+    first = run / "checkpoints" / "generalist-1" / "epoch-0001.safetensors"
+    deadline = time.time() + 120
+    while not first.exists():
+        assert time.time() < deadline and thread.is_alive(), "the run never checkpointed"
+        time.sleep(0.01)
+    actor = ray_session.get_actor("generalist-1", namespace="ensemble-budget-run")
+    os.kill(ray_session.get(actor.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    started = time.time()
+    thread.join(timeout=300)
+    assert result == [5] and time.time() - started < 120
+    err = capsys.readouterr().err
+    assert "generalist-1" in err and "Traceback" not in err
+    models = json.loads((run / "metrics.json").read_text())["models"]
+    assert models["generalist-1"]["status"] == "failed"
+    assert models["generalist-0"]["status"] == "finished"
+    assert checkpoint.load_latest(run / "checkpoints" / "generalist-1") is not None  # kept
