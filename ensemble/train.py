@@ -109,6 +109,11 @@ class Trainer:
         perm = torch.randperm(n, device=self.device, generator=self.batches)
         return (perm[lo:lo + size] for lo in range(0, n, size))
 
+    def autocast(self):
+        """bf16 autocast on this trainer's device when its config asks for it (else a no-op)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
     def extra_meta(self) -> dict:
         """What a subclass adds to its checkpoint's metadata to rebuild its model."""
         return {}
@@ -131,7 +136,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         start = time.perf_counter()
         for step, idx in enumerate(self.epoch_batches()):
-            loss = self.batch_loss(idx)
+            with self.autocast():
+                loss = self.batch_loss(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -148,8 +154,9 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise TrainingError(f"{self.name}: the loss became {mean_loss} in epoch {self.epoch}; "
                                 "lower the learning rate")
-        val_errors = count_errors(model, *self.val)
-        test_errors = count_errors(model, *self.test)  # reported, never used to choose anything
+        with self.autocast():
+            val_errors = count_errors(model, *self.val)
+            test_errors = count_errors(model, *self.test)  # reported, never used to choose
         if self.best_val_errors is None or len(self.val[0]) == 0 or \
                 val_errors < self.best_val_errors:
             self.best_epoch, self.best_val_errors = self.epoch, val_errors

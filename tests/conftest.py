@@ -49,3 +49,41 @@ def ray_session():
     yield ray
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the reliability report ---------
+# `ENSEMBLE_RELIABILITY=results/reliability.md pytest` writes the README's reliability figures
+# from this test run's own outcomes.
+_OUTCOMES: dict[str, bool] = {}
+_GROUPS = {
+    "faults injected and survived": ("tests/test_faults.py::",),
+    "bad inputs refused cleanly": ("tests/test_cli.py::test_bad", "tests/test_config.py::test_bad"),
+    "resume equal to an uninterrupted run": (
+        "tests/test_train.py::test_resume_is_bit_identical",
+        "tests/test_specialize.py::test_specialist_trains_measures_and_resumes",
+        "tests/test_faults.py::test_killed_actor_resumes_to_identical_weights"),
+}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        _OUTCOMES[report.nodeid] = report.passed and _OUTCOMES.get(report.nodeid, True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    import os
+    from pathlib import Path
+
+    target = os.environ.get("ENSEMBLE_RELIABILITY")
+    if not target:
+        return
+    lines = ["| guarantee | passed |", "|---|---:|"]
+    for label, prefixes in _GROUPS.items():
+        hits = [ok for node, ok in _OUTCOMES.items() if node.startswith(prefixes)]
+        if label.startswith("resume"):
+            value = "yes" if hits and all(hits) else "no"
+            value += f" ({sum(hits)}/{len(hits)} tests)"
+        else:
+            value = f"{sum(hits)}/{len(hits)}"
+        lines.append(f"| {label} | {value} |")
+    Path(target).write_text("\n".join(lines) + "\n")

@@ -136,3 +136,19 @@ def test_student_on_augmented_transfer_set_asks_teacher_each_batch(splits):
     student.teacher.probs = lambda x, T: calls.append(len(x)) or original(x, T)
     student.train_epoch()
     assert sum(calls) == len(student.y)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_learns(splits):
+    import dataclasses
+
+    t = Trainer("g", MODEL, dataclasses.replace(TRAIN, precision="bf16"), splits, seed=0)
+    first = t.train_epoch()
+    assert t.train_epoch()["loss"] < first["loss"]
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    seen = []
+    hook = t.model.output.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    t.batch_loss(torch.arange(4))  # outside autocast: fp32
+    with t.autocast():
+        t.batch_loss(torch.arange(4))
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
