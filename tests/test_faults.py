@@ -1,6 +1,8 @@
 """Faults injected for real on the shared local Ray: a training actor is SIGKILLed mid-run."""
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 
@@ -140,3 +142,35 @@ def test_actor_past_its_restart_budget_fails_alone(ray_session, tmp_path, capsys
     assert models["generalist-1"]["status"] == "failed"
     assert models["generalist-0"]["status"] == "finished"
     assert checkpoint.load_latest(run / "checkpoints" / "generalist-1") is not None  # kept
+
+
+def test_killed_driver_resumes_without_retraining(ray_session, tmp_path):
+    import subprocess
+    import sys
+
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "fault.yaml"
+    config.write_text(CONFIG.replace("epochs: 8", "epochs: 30"))
+    run = tmp_path / "driver-killed"
+    short = tempfile.mkdtemp(prefix="t")  # the killed driver's Ray leaves its temp dir here
+    driver = subprocess.Popen([sys.executable, "-m", "ensemble.cli", "run", str(config),
+                               "--data-dir", str(data), "--run-dir", str(run)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "TMPDIR": short})
+    folder = run / "checkpoints" / "generalist-0"
+    deadline = time.time() + 180
+    while not (folder / "epoch-0002.safetensors").exists():
+        assert time.time() < deadline and driver.poll() is None, "the run never checkpointed"
+        time.sleep(0.01)
+    driver.kill()  # SIGKILL: no cleanup runs
+    driver.wait()
+    shutil.rmtree(short, ignore_errors=True)
+    done = checkpoint.epochs_in(folder)[0][0]
+    assert 2 <= done < 30
+    saved = (folder / f"epoch-{done:04d}.safetensors").read_bytes()
+    assert main(["run", "--resume", str(run), "--data-dir", str(data)]) == 0
+    history = final_tensors(run)[1]["history"]
+    assert [r["epoch"] for r in history] == list(range(1, 31))
+    # the resumed run started from the last checkpoint, not from scratch: its epochs up to
+    # `done` are the ones the killed driver wrote
+    assert checkpoint.loads(saved)[1]["history"] == history[:done]
