@@ -175,6 +175,8 @@ class RunConfig:
     name: str = "run"  # names the run directory: runs/<name>-<timestamp>
     seed: int = 0  # generalist i uses seed + i; students use seed + 1000 + their index
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where torch sees a GPU, else CPU
+    watchdog_s: float = 3600.0  # no epoch finished by any model for this long: stop with the
+    #   models still waiting named (Ray waits silently for resources it cannot place); 0 = off
     data: DataConfig = field(default_factory=DataConfig)
     generalists: GeneralistsConfig = field(default_factory=GeneralistsConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
@@ -183,6 +185,8 @@ class RunConfig:
     def __post_init__(self):
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",
                  "must use only letters, digits, '.', '_' and '-'", self.name)
+        _require(self.watchdog_s >= 0, "watchdog_s", "must be >= 0 (0 turns it off)",
+                 self.watchdog_s)
         classes = NUM_CLASSES[self.data.name]
         _require(self.specialists.k <= classes, "specialists.k",
                  f"must be at most the number of classes ({classes})", self.specialists.k)

@@ -172,8 +172,16 @@ class Pipeline:
                                         *job.args)
                 active[self._submit(job)] = job
             while active:
-                [ready], _ = ray.wait(list(active), num_returns=1)
-                job = active.pop(ready)
+                ready, _ = ray.wait(list(active), num_returns=1,
+                                    timeout=self.cfg.watchdog_s or None)
+                if not ready:
+                    waiting = ", ".join(f"{j.name} (CPU {j.resources.num_cpus:g}, GPU "
+                                        f"{j.resources.num_gpus:g})" for j in active.values())
+                    raise TrainingError(
+                        f"no model finished an epoch in {self.cfg.watchdog_s:g} s (watchdog_s); "
+                        f"still waiting: {waiting}. If the cluster cannot place these requests, "
+                        f"lower them; if epochs are this slow, raise watchdog_s")
+                job = active.pop(ready[0])
                 try:
                     record = ray.get(ready)
                     blob = ray.get(job.blob)

@@ -174,3 +174,15 @@ def test_killed_driver_resumes_without_retraining(ray_session, tmp_path):
     # the resumed run started from the last checkpoint, not from scratch: its epochs up to
     # `done` are the ones the killed driver wrote
     assert checkpoint.loads(saved)[1]["history"] == history[:done]
+
+
+def test_watchdog_turns_a_silent_wait_into_an_error(ray_session, tmp_path, capsys):
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "slow.yaml"
+    config.write_text(CONFIG + "watchdog_s: 0.5\n")  # no epoch of this model is that quick
+    run = tmp_path / "slow"
+    started = time.time()
+    assert main(["run", str(config), "--data-dir", str(data), "--run-dir", str(run)]) == 5
+    assert time.time() - started < 60
+    err = capsys.readouterr().err
+    assert "no model finished an epoch in 0.5 s" in err and "generalist-0 (CPU 1" in err
