@@ -7,7 +7,7 @@
    (target >= 0.95x), and the trainer's GFLOP/s as a share of a matmul peak measured here;
 2. the same training inside a 1-CPU Ray actor against in-process with 1 thread (target >= 0.95x);
 3. two generalists on two 1-CPU actors against the same two trained one after the other with one
-   thread each (target >= 1.8x).
+   thread each (target >= 1.8x); 2 and 3 at batch 100 and 512.
 The last lines are `name: value`, one figure each.
 """
 from __future__ import annotations
@@ -76,6 +76,47 @@ def matmul_peak(threads: int, sizes=(1024, 2048), repeats: int = 5) -> float:
     return best
 
 
+def ray_figures(batch, data, data_ref, one, repeats, say, figures) -> None:
+    """actor vs in-process, and two actors vs one after the other, at one batch size."""
+    import ray
+
+    from ensemble.actors import start_actor
+
+    def actor(i):
+        return start_actor("generalist", f"bench-{batch}-{i}", "bench", one, f"bench-{i}",
+                           MODEL, train_cfg(batch), data_ref, i, 1, "auto")
+
+    # the same 1-thread training in this process and in a 1-CPU actor, epochs alternating
+    local = Trainer("local", MODEL, train_cfg(batch), data, seed=0, threads=1)
+    remote = actor(0)
+    inproc, in_actor = [], []
+    for _ in range(repeats):
+        inproc.append(local.train_epoch()["samples_per_s"])
+        in_actor.append(ray.get(remote.train_epoch.remote())["samples_per_s"])
+    say(f"batch {batch}, 1 thread: in a Ray actor {max(in_actor):,.0f} samples/s, "
+        f"in-process {max(inproc):,.0f} samples/s")
+    figures[f"actor_vs_inprocess_b{batch}"] = max(in_actor) / max(inproc)
+
+    # two generalists: one after the other in this process, or side by side in two actors
+    pair = [local, Trainer("local-1", MODEL, train_cfg(batch), data, seed=1, threads=1)]
+    actors = [remote, actor(1)]
+    ray.get([a.__ray_ready__.remote() for a in actors])  # constructed: time training only
+    sequential, parallel = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for trainer in pair:
+            trainer.train_epoch()
+        sequential.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        ray.get([a.train_epoch.remote() for a in actors])
+        parallel.append(time.perf_counter() - start)
+    for a in actors:
+        ray.kill(a)
+    say(f"two generalists, batch {batch}: two 1-CPU actors {min(parallel):.1f} s, one after "
+        f"the other with 1 thread {min(sequential):.1f} s")
+    figures[f"two_actors_vs_sequential_b{batch}"] = min(sequential) / min(parallel)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=20_000, help="samples per measurement")
@@ -114,46 +155,15 @@ def main() -> None:
 
     import ray
 
-    from ensemble.actors import start_actor
     from ensemble.config import ResourcesConfig
 
-    batch, one = 100, ResourcesConfig(num_cpus=1)
+    one = ResourcesConfig(num_cpus=1)
     temp = tempfile.mkdtemp(prefix="ray-b")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="ERROR")
     try:
         data_ref = ray.put(data)
-
-        def actor(i):
-            return start_actor("generalist", f"bench-{i}", "bench", one, f"bench-{i}", MODEL,
-                               train_cfg(batch), data_ref, i, 1, "auto")
-
-        # the same 1-thread training in this process and in a 1-CPU actor, epochs alternating
-        local = Trainer("local", MODEL, train_cfg(batch), data, seed=0, threads=1)
-        remote = actor(0)
-        inproc, in_actor = [], []
-        for _ in range(args.repeats):
-            inproc.append(local.train_epoch()["samples_per_s"])
-            in_actor.append(ray.get(remote.train_epoch.remote())["samples_per_s"])
-        say(f"batch {batch}, 1 thread: in a Ray actor {max(in_actor):,.0f} samples/s, "
-            f"in-process {max(inproc):,.0f} samples/s")
-        figures["actor_vs_inprocess"] = max(in_actor) / max(inproc)
-
-        # two generalists: one after the other in this process, or side by side in two actors
-        pair = [local, Trainer("local-1", MODEL, train_cfg(batch), data, seed=1, threads=1)]
-        actors = [remote, actor(1)]
-        ray.get([a.__ray_ready__.remote() for a in actors])  # constructed: time training only
-        sequential, parallel = [], []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for trainer in pair:
-                trainer.train_epoch()
-            sequential.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            ray.get([a.train_epoch.remote() for a in actors])
-            parallel.append(time.perf_counter() - start)
-        say(f"two generalists, batch {batch}: two 1-CPU actors {min(parallel):.1f} s, one after "
-            f"the other with 1 thread {min(sequential):.1f} s")
-        figures["two_actors_vs_sequential"] = min(sequential) / min(parallel)
+        for batch in (100, 512):
+            ray_figures(batch, data, data_ref, one, args.repeats, say, figures)
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
