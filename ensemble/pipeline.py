@@ -181,7 +181,8 @@ class Pipeline:
                         f"no model finished an epoch in {self.cfg.watchdog_s:g} s (watchdog_s); "
                         f"still waiting: {waiting}. If the cluster cannot place these requests, "
                         f"lower them; if epochs are this slow, raise watchdog_s")
-                job = active.pop(ready[0])
+                ready = ready[0]
+                job = active.pop(ready)
                 try:
                     record = ray.get(ready)
                     blob = ray.get(job.blob)
