@@ -26,6 +26,29 @@ generalists:
 """
 
 
+def run_in_thread(argv):
+    """Start `ensemble ARGV` in a thread; return (thread, list that receives its exit code)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(main(argv)))
+    thread.start()
+    return thread, result
+
+
+def kill_after_first_checkpoint(ray, run, model, thread):
+    """SIGKILL `model`'s actor once its first checkpoint exists (an event, not a timer); return
+    the newest epoch checkpointed at the moment of the kill."""
+    folder = run / "checkpoints" / model
+    deadline = time.time() + 120
+    while not (folder / "epoch-0001.safetensors").exists():
+        assert time.time() < deadline and thread.is_alive(), "the run never checkpointed"
+        time.sleep(0.01)
+    actor = ray.get_actor(model, namespace=f"ensemble-{run.name}")
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    last = checkpoint.epochs_in(folder)[0][0]
+    os.kill(pid, signal.SIGKILL)
+    return last
+
+
 def final_tensors(run):
     blob, meta = checkpoint.load_latest(run / "checkpoints" / "generalist-0")
     return checkpoint.loads(blob)[0], meta
@@ -38,19 +61,8 @@ def test_killed_actor_resumes_to_identical_weights(ray_session, tmp_path):
     argv = ["run", str(config), "--data-dir", str(data)]
 
     killed_run = tmp_path / "killed"
-    result = []
-    thread = threading.Thread(target=lambda: result.append(main(argv + ["--run-dir",
-                                                                        str(killed_run)])))
-    thread.start()
-    first = killed_run / "checkpoints" / "generalist-0" / "epoch-0001.safetensors"
-    deadline = time.time() + 120
-    while not first.exists():  # the trigger is the first checkpoint, not a timer
-        assert time.time() < deadline and thread.is_alive(), "the run never checkpointed"
-        time.sleep(0.01)
-    actor = ray_session.get_actor("generalist-0", namespace="ensemble-killed")
-    pid = ray_session.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-    last = checkpoint.epochs_in(first.parent)[0][0]
-    os.kill(pid, signal.SIGKILL)
+    thread, result = run_in_thread(argv + ["--run-dir", str(killed_run)])
+    last = kill_after_first_checkpoint(ray_session, killed_run, "generalist-0", thread)
     thread.join(timeout=300)
     assert result == [0]
     assert last < 8  # the kill landed before the model finished, so Ray had to restart it
@@ -122,17 +134,9 @@ def test_actor_past_its_restart_budget_fails_alone(ray_session, tmp_path, capsys
     config = tmp_path / "budget.yaml"
     config.write_text(BUDGET)
     run = tmp_path / "budget-run"
-    result = []
-    thread = threading.Thread(target=lambda: result.append(main(
-        ["run", str(config), "--data-dir", str(data), "--run-dir", str(run)])))
-    thread.start()
-    first = run / "checkpoints" / "generalist-1" / "epoch-0001.safetensors"
-    deadline = time.time() + 120
-    while not first.exists():
-        assert time.time() < deadline and thread.is_alive(), "the run never checkpointed"
-        time.sleep(0.01)
-    actor = ray_session.get_actor("generalist-1", namespace="ensemble-budget-run")
-    os.kill(ray_session.get(actor.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    thread, result = run_in_thread(["run", str(config), "--data-dir", str(data), "--run-dir",
+                                    str(run)])
+    kill_after_first_checkpoint(ray_session, run, "generalist-1", thread)
     started = time.time()
     thread.join(timeout=300)
     assert result == [5] and time.time() - started < 120
