@@ -121,7 +121,8 @@ def specialists_section(subsets: dict | None, ensemble: dict | None) -> str:
              f"Subsets from the covariance of the generalists' predictions on "
              f"{subsets['inputs']:,} {subsets['covariance_on']} inputs (no labels):", ""]
     for i, (members, names) in enumerate(zip(subsets["subsets"], subsets["names"])):
-        lines.append(f"- specialist-{i}: {', '.join(f'{c} {n}' for c, n in zip(members, names))}")
+        labels = (str(c) if n == str(c) else f"{c} {n}" for c, n in zip(members, names))
+        lines.append(f"- specialist-{i}: {', '.join(labels)}")
     if "agreement" in subsets:
         groups = "; ".join(f"{k}: {v}" for k, v in subsets["known_groups"].items())
         a = subsets["agreement"]
