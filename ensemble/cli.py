@@ -95,6 +95,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    import torch
+
     from ensemble.data import labels_to_device, load_splits, to_device
     from ensemble.rundir import RunDir
     from ensemble.train import count_errors, model_from_checkpoint, pick_device
@@ -114,8 +116,15 @@ def cmd_eval(args) -> int:
         if saved is None:
             continue
         model, meta = model_from_checkpoint(saved[0], device)
-        test_errors = count_errors(model, *test)
-        print(f"| {name} | {meta['best_epoch']} | {count_errors(model, *val)} | {test_errors} | "
+        mine = lambda y: y  # noqa: E731
+        if "members" in meta:  # a specialist answers with its subset's classes and a dustbin
+            from specialists.specialist import local_labels
+
+            members = torch.tensor(meta["members"], device=device)
+            mine = lambda y: local_labels(y, members, meta["generalist_classes"])  # noqa: E731
+        val_errors = count_errors(model, val[0], mine(val[1]))
+        test_errors = count_errors(model, test[0], mine(test[1]))
+        print(f"| {name} | {meta['best_epoch']} | {val_errors} | {test_errors} | "
               f"{100 * test_errors / max(1, len(splits.test_y)):.2f} % |")
     specialists = [m for m in models if m.startswith("specialist-")]
     if specialists:

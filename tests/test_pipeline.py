@@ -147,3 +147,6 @@ def test_specialists_stage_end_to_end(ray_session, data_root, tmp_path, capsys):
     rows = capsys.readouterr().out
     assert f"| generalists + specialists | | {ensemble['val']['ensemble_errors']} | " \
            f"{ensemble['test']['ensemble_errors']} |" in rows
+    spec = metrics["specialist-0"]["summary"]  # a specialist is judged on its own labels
+    assert f"| specialist-0 | {spec['best_epoch']} | {spec['val_errors']} | " \
+           f"{spec['test_errors']} |" in rows
