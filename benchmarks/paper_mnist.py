@@ -94,7 +94,7 @@ def main() -> None:
              "|---|---:|---:|---:|---:|---|"]
     teacher = next(n for n in models if n.startswith("generalist-"))
     lines.append(row("teacher 784-1200-1200-10, dropout, max-norm, jitter", 67, teacher,
-                     test_errors(teacher), f"paper: ~3000 epochs"))
+                     test_errors(teacher), "paper: ~3000 epochs"))
     if "student-hard" in models:
         lines.append(row("student 784-800-800-10, hard labels", 146, "student-hard",
                          test_errors("student-hard")))

@@ -110,7 +110,7 @@ def cmd_eval(args) -> int:
     models = run.models()
     if not models:
         raise ConfigError(f"{args.run_dir} holds no checkpoints to evaluate")
-    print(f"| model | epoch | val errors | test errors | test error |\n|---|---:|---:|---:|---:|")
+    print("| model | epoch | val errors | test errors | test error |\n|---|---:|---:|---:|---:|")
     for name in models:
         saved = run.latest(name)
         if saved is None:

@@ -1,4 +1,5 @@
-"""The stages in order, driven from one process: generalists -> student(s).
+"""The stages in order, driven from one process: generalists -> coordinator and specialists
+(when specialists.k > 0) -> students.
 
 The driver reads the data once, puts it into Ray's object store once (uint8 NumPy arrays: one
 zero-copy copy per node), starts one named actor per model, and asks each for one epoch at a
@@ -13,7 +14,6 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 from ray.exceptions import RayError
@@ -34,7 +34,7 @@ SPECIALIST_SEED_OFFSET = 2000  # and so do the specialists'
 class Job:
     """One model of the run: its actor, and where its training stands."""
     name: str
-    role: str  # "generalist" or "student"
+    role: str  # "generalist", "specialist" or "student"
     args: tuple
     resources: ResourcesConfig
     epochs: int

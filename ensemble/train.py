@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,7 +94,6 @@ class Trainer:
         self.history: list[dict] = []
         self.best_epoch, self.best_val_errors = 0, None
         self.best_state = self._state_copy()
-        self.step_hook: Callable[["Trainer", int], None] | None = None  # tests inject faults here
 
     # ------------------------------------------------------------ what subclasses change ---------
     def make_model(self, data: Splits) -> nn.Module:
@@ -135,7 +132,7 @@ class Trainer:
         n = 0
         total = torch.zeros((), device=self.device)
         start = time.perf_counter()
-        for step, idx in enumerate(self.epoch_batches()):
+        for idx in self.epoch_batches():
             with self.autocast():
                 loss = self.batch_loss(idx)
             opt.zero_grad(set_to_none=True)
@@ -145,8 +142,6 @@ class Trainer:
                 apply_max_norm(model, self.model_cfg.max_norm)
             total += loss.detach() * len(idx)
             n += len(idx)
-            if self.step_hook is not None:
-                self.step_hook(self, step)
         mean_loss = float(total) / n  # the epoch's one host sync
         train_seconds = time.perf_counter() - start
         self._save_rng()
