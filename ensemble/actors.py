@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ray
 
-from ensemble.config import ResourcesConfig
+from ensemble.config import NodeType, ResourcesConfig
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
@@ -33,13 +33,36 @@ def run_task(task: str, res: ResourcesConfig, *args):
                                        max_retries=res.max_task_retries).remote(*args))
 
 
-def check_resources(requests: dict[str, ResourcesConfig]) -> None:
-    """Refuse at once a request no live node can hold (Ray would wait for it forever)."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def check_resources(requests: dict[str, ResourcesConfig],
+                    node_types: tuple[NodeType, ...] = ()) -> set[str]:
+    """Refuse at once a request that no live node, nor any node the autoscaler may add, can hold
+    (Ray would wait for it forever); return the names of those that must wait for a new node."""
+    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    future = [{"CPU": t.num_cpus, "GPU": t.num_gpus} for t in node_types]
+    waiting = set()
     for name, res in requests.items():
-        for key, amount in (("CPU", res.num_cpus), ("GPU", res.num_gpus)):
-            if amount > 0 and not any(node.get(key, 0) >= amount for node in nodes):
-                most = max((node.get(key, 0) for node in nodes), default=0)
-                raise ConfigError(f"{name} asks for {amount:g} {key} but no node of this Ray "
-                                  f"cluster has more than {most:g}; lower its resources.num_"
-                                  f"{key.lower()}s or add a node that has them")
+        want = {"CPU": res.num_cpus, "GPU": res.num_gpus}
+        if _holds(live, want):
+            continue
+        if _holds(future, want):
+            waiting.add(name)
+            continue
+        short = [k for k, v in want.items() if v > _most(live + future, k)]
+        if not short:
+            raise ConfigError(f"{name} asks for {res.num_cpus:g} CPU and {res.num_gpus:g} GPU "
+                              f"but no single node holds both; lower its resources")
+        key = short[0]
+        added = (f", nor has any node type in autoscaler.node_types (at most "
+                 f"{_most(future, key):g})") if future else ""
+        raise ConfigError(f"{name} asks for {want[key]:g} {key} but no live node of this Ray "
+                          f"cluster has more than {_most(live, key):g}{added}; lower its "
+                          f"resources.num_{key.lower()}s or add a node that has them")
+    return waiting
+
+
+def _holds(nodes: list[dict], want: dict[str, float]) -> bool:
+    return any(all(node.get(k, 0) >= v for k, v in want.items() if v > 0) for node in nodes)
+
+
+def _most(nodes: list[dict], key: str) -> float:
+    return max((node.get(key, 0) for node in nodes), default=0)

@@ -3,6 +3,7 @@ non-zero exit, before any work starts and without touching an existing run direc
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,11 @@ def cmd_run(args) -> int:
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
     if resume:
         RunDir(path).check_checkpoints(cfg)
+    if not args.address:
+        # Ray replaces a loopback node address with the routable one, so a local Ray would
+        # listen on every interface; as on macOS and Windows, this keeps it on 127.0.0.1. It
+        # must be set before Ray is imported, and the processes Ray starts inherit it.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ensemble.pipeline import run_pipeline  # imports Ray: only once the input is known good
 
     tracker = Tracker(path / "tb")

@@ -103,6 +103,29 @@ class ResourcesConfig:
 
 
 @dataclass(frozen=True)
+class NodeType:
+    num_cpus: float = 0
+    num_gpus: float = 0
+
+    def __post_init__(self):
+        _require(self.num_cpus >= 0, "num_cpus", "must be >= 0", self.num_cpus)
+        _require(self.num_gpus >= 0, "num_gpus", "must be >= 0", self.num_gpus)
+
+
+@dataclass(frozen=True)
+class AutoscalerConfig:
+    """What the cluster's autoscaler may add, so a request no node will ever hold fails at once
+    and one waiting for a new node gets its own, longer bound."""
+    node_types: tuple[NodeType, ...] = ()  # resources of each of its available_node_types
+    scale_up_s: float = 1800.0  # a model still waiting for such a node after this long stops the
+    #   run, with the model named; 0 = wait forever
+
+    def __post_init__(self):
+        _require(self.scale_up_s >= 0, "scale_up_s", "must be >= 0 (0 waits forever)",
+                 self.scale_up_s)
+
+
+@dataclass(frozen=True)
 class GeneralistsConfig:
     count: int = 1  # models of the same recipe with seeds seed, seed+1, ...; trained in parallel
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +200,7 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where torch sees a GPU, else CPU
     watchdog_s: float = 3600.0  # no epoch finished by any model for this long: stop with the
     #   models still waiting named (Ray waits silently for resources it cannot place); 0 = off
+    autoscaler: AutoscalerConfig = field(default_factory=AutoscalerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generalists: GeneralistsConfig = field(default_factory=GeneralistsConfig)
     specialists: SpecialistsConfig = field(default_factory=SpecialistsConfig)
@@ -378,11 +402,12 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resume_conflicts(saved: RunConfig, new: RunConfig) -> list[str]:
-    """Dotted keys whose change forbids resuming a run; raising an epoch count is allowed."""
+    """Dotted keys whose change forbids resuming a run; raising an epoch count is allowed, and so
+    is changing the bounds on waiting (they do not change what is trained)."""
     old, cur = _flatten(to_dict(saved)), _flatten(to_dict(new))
     bad = []
     for key in sorted(set(old) | set(cur)):
-        if old.get(key) == cur.get(key):
+        if old.get(key) == cur.get(key) or key.startswith(("watchdog_s", "autoscaler.")):
             continue
         if key.endswith("train.epochs") and key in old and key in cur and cur[key] >= old[key]:
             continue

@@ -62,7 +62,9 @@ def ray_session(address: str | None, namespace: str):
         return
     temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
     try:
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}  # a local Ray stays local
+        # a local Ray on loopback: Ray swaps 127.0.0.1 for the routable address unless
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before it was imported (the CLI does)
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
         ray.init(address=address, namespace=namespace, _temp_dir=temp,
                  logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -85,6 +87,8 @@ class Pipeline:
         self.jobs: dict[str, Job] = {}
         self.subsets: dict | None = None  # the coordinator's report
         self.ensemble: dict | None = None  # generalists vs generalists + specialists
+        self.scaling: set[str] = set()  # requests no live node holds: waiting for a new node
+        self.placed: set[str] = set()  # models that finished an epoch in this session
 
     # ------------------------------------------------------------ the stages ---------------------
     def execute(self, data_ref) -> dict[str, Job]:
@@ -172,15 +176,11 @@ class Pipeline:
                                         *job.args)
                 active[self._submit(job)] = job
             while active:
-                ready, _ = ray.wait(list(active), num_returns=1,
-                                    timeout=self.cfg.watchdog_s or None)
+                scaling = [j for j in active.values() if self._scaling(j)]
+                bound = self.cfg.autoscaler.scale_up_s if scaling else self.cfg.watchdog_s
+                ready, _ = ray.wait(list(active), num_returns=1, timeout=bound or None)
                 if not ready:
-                    waiting = ", ".join(f"{j.name} (CPU {j.resources.num_cpus:g}, GPU "
-                                        f"{j.resources.num_gpus:g})" for j in active.values())
-                    raise TrainingError(
-                        f"no model finished an epoch in {self.cfg.watchdog_s:g} s (watchdog_s); "
-                        f"still waiting: {waiting}. If the cluster cannot place these requests, "
-                        f"lower them; if epochs are this slow, raise watchdog_s")
+                    raise TrainingError(self._watchdog_message(bound, scaling, active.values()))
                 ready = ready[0]
                 job = active.pop(ready)
                 try:
@@ -194,6 +194,7 @@ class Pipeline:
                     continue
                 checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
                 job.epoch = record["epoch"]
+                self.placed.add(job.name)
                 job.history.append(record)
                 job.summary = checkpoint.read_meta(blob)["summary"]
                 self.tracker.epoch(job.name, job.epochs, record)
@@ -205,6 +206,23 @@ class Pipeline:
         finally:
             for job in jobs:
                 self._stop(job)
+
+    def _scaling(self, job: Job) -> bool:
+        """Whether `job` waits for a node the autoscaler has yet to add."""
+        key = "specialists" if job.role == "specialist" else job.name
+        return key in self.scaling and job.name not in self.placed
+
+    def _watchdog_message(self, bound: float, scaling: list[Job], active) -> str:
+        def named(jobs):
+            return ", ".join(f"{j.name} (CPU {j.resources.num_cpus:g}, GPU "
+                             f"{j.resources.num_gpus:g})" for j in jobs)
+        if scaling:
+            return (f"waited {bound:g} s (autoscaler.scale_up_s) for the autoscaler to add a node "
+                    f"for {named(scaling)}; see 'ray status' for why it did not, or lower the "
+                    f"request")
+        return (f"no model finished an epoch in {bound:g} s (watchdog_s); still waiting: "
+                f"{named(active)}. If the cluster cannot place these requests, lower them; if "
+                f"epochs are this slow, raise watchdog_s")
 
     def _submit(self, job: Job):
         record_ref, job.blob = job.actor.run_epoch.options(num_returns=2).remote(
@@ -243,7 +261,7 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
         if cfg.specialists.k:
             requests["specialists"] = cfg.specialists.resources
-        check_resources(requests)
+        pipe.scaling = check_resources(requests, cfg.autoscaler.node_types)
         if not resume:
             run.create(cfg)
         data_ref = ray.put(splits)

@@ -190,3 +190,39 @@ def test_watchdog_turns_a_silent_wait_into_an_error(ray_session, tmp_path, capsy
     assert time.time() - started < 60
     err = capsys.readouterr().err
     assert "no model finished an epoch in 0.5 s" in err and "generalist-0 (CPU 1" in err
+
+
+def test_request_beyond_every_node_type_fails_at_once(ray_session, data_root, tmp_path, capsys):
+    config = tmp_path / "big.yaml"
+    config.write_text(NAN.split("students:")[0] + AUTOSCALER.format(scale_up_s=1))
+    run = tmp_path / "run"
+    started = time.time()
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run),
+                 "--set", "generalists.resources.num_gpus=2"]) == 2
+    assert time.time() - started < 30
+    err = capsys.readouterr().err
+    assert "generalist-0 asks for 2 GPU" in err and "autoscaler.node_types (at most 1)" in err
+    assert not run.exists()
+
+
+AUTOSCALER = """
+autoscaler:
+  node_types: [{{num_cpus: 8}}, {{num_cpus: 4, num_gpus: 1}}]
+  scale_up_s: {scale_up_s}
+"""
+
+
+def test_waiting_for_a_new_node_has_its_own_bound(ray_session, data_root, tmp_path, capsys):
+    # the session's Ray has no GPU, but the autoscaler could add a node with one: the run waits
+    # for it scale_up_s (3 s), not watchdog_s (0.5 s), then stops naming the model
+    config = tmp_path / "scale.yaml"
+    config.write_text(NAN.split("students:")[0] + "watchdog_s: 0.5\n" +
+                      AUTOSCALER.format(scale_up_s=3))
+    run = tmp_path / "run"
+    started = time.time()
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run),
+                 "--set", "generalists.resources.num_gpus=1"]) == 5
+    assert 3 <= time.time() - started < 60
+    err = capsys.readouterr().err
+    assert "waited 3 s (autoscaler.scale_up_s) for the autoscaler to add a node for " \
+           "generalist-0 (CPU 1, GPU 1)" in err and "Traceback" not in err

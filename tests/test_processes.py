@@ -1,0 +1,99 @@
+"""What a run leaves on the machine, checked on runs of their own (subprocesses): a local Ray
+listens on loopback only, and after a normal end, an error or Ctrl-C no process it started is
+left; a node of a multi-node cluster dies under a specialist and the run still completes."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import write_mnist_like
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIG = """
+name: procs
+data: {val_size: 200, download: false}
+generalists:
+  count: 1
+  model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3}
+  train: {epochs: EPOCHS, batch_size: 20, lr: 0.1, jitter: 1}
+"""
+BLOWS_UP = """
+students:
+  blows-up: {model: {hidden: [16]}, train: {epochs: 2, batch_size: 50, lr: 1.0e+12}, alpha: 0.0}
+"""
+LOOPBACK = ("127.", "::1", "::ffff:127.")
+
+
+@pytest.fixture
+def scratch():
+    """A short temporary folder (Ray's socket paths are limited) that every Ray started from a
+    test's subprocess uses as TMPDIR, so nothing lands in /tmp/ray."""
+    path = Path(tempfile.mkdtemp(prefix="p"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def listening(procs):
+    """(address, process name) of every listening inet socket of `procs`."""
+    out = []
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="inet")
+            name = proc.name()
+        except psutil.Error:  # it ended meanwhile
+            continue
+        out += [(f"{c.laddr.ip}:{c.laddr.port}", name) for c in conns
+                if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, limit: float = 180):
+    deadline = time.time() + limit
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path.name} appeared"
+        assert time.time() < deadline, f"{path.name} never appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("end", ["normal", "error", "interrupt"])
+def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch):
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "c.yaml"
+    epochs = 40 if end == "interrupt" else 4
+    config.write_text(CONFIG.replace("EPOCHS", str(epochs)) + (BLOWS_UP if end == "error" else ""))
+    run = tmp_path / "run"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ensemble.cli", "run", str(config), "--data-dir", str(data),
+         "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch)}, start_new_session=True)
+    try:
+        wait_for(run / "checkpoints" / "generalist-0" / "epoch-0001.safetensors", driver)
+        started = psutil.Process(driver.pid).children(recursive=True)
+        sockets = listening([psutil.Process(driver.pid), *started])
+        if end == "interrupt":
+            os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        err = driver.communicate(timeout=180)[1]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert len(started) >= 3  # Ray's servers and the actor's worker were running
+    assert sockets and all(addr.startswith(LOOPBACK) for addr, _ in sockets), sockets
+    assert driver.returncode == {"normal": 0, "error": 5, "interrupt": 130}[end], err
+    if end == "interrupt":
+        assert f"interrupted; continue with: ensemble run --resume {run}" in err, err
+    if end == "error":
+        assert "student-blows-up" in err, err
+    deadline = time.time() + 30
+    while any(p.is_running() for p in started) and time.time() < deadline:
+        time.sleep(0.2)
+    left = [f"{p.pid} {p.name()}" for p in started if p.is_running()]
+    assert not left, f"processes left behind: {left}"
+    assert not list(scratch.glob("ray*")), "Ray's temporary directory was left behind"
