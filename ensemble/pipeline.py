@@ -13,10 +13,11 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorUnavailableError, RayError
 
 from ensemble import checkpoint
 from ensemble.actors import check_resources, run_task, start_actor
@@ -26,6 +27,8 @@ from ensemble.errors import ConfigError, TrainingError
 from ensemble.rundir import RunDir
 from ensemble.tracking import Tracker
 
+UNAVAILABLE_RETRIES = 60  # an unreachable actor's epoch is asked again this often, ...
+UNAVAILABLE_PAUSE_S = 1.0  # ... this far apart (a dead node is noticed within seconds)
 STUDENT_SEED_OFFSET = 1000  # students' seeds stay clear of the generalists' seed, seed+1, ...
 SPECIALIST_SEED_OFFSET = 2000  # and so do the specialists'
 
@@ -44,6 +47,7 @@ class Job:
     summary: dict = field(default_factory=dict)
     actor: object = None
     error: str | None = None
+    unavailable: int = 0  # epoch calls in a row that found the actor unreachable
 
     @property
     def finished(self) -> bool:
@@ -174,25 +178,35 @@ class Pipeline:
                     continue
                 job.actor = start_actor(job.role, job.name, self.namespace, job.resources,
                                         *job.args)
-                active[self._submit(job)] = job
+                self._submit(job, active)
             while active:
-                scaling = [j for j in active.values() if self._scaling(j)]
+                jobs_waiting = [job for job, _ in active.values()]
+                scaling = [j for j in jobs_waiting if self._scaling(j)]
                 bound = self.cfg.autoscaler.scale_up_s if scaling else self.cfg.watchdog_s
                 ready, _ = ray.wait(list(active), num_returns=1, timeout=bound or None)
                 if not ready:
-                    raise TrainingError(self._watchdog_message(bound, scaling, active.values()))
+                    raise TrainingError(self._watchdog_message(bound, scaling, jobs_waiting))
                 ready = ready[0]
-                job = active.pop(ready)
+                job, blob_ref = active.pop(ready)
                 try:
                     record = ray.get(ready)
-                    blob = ray.get(job.blob)
+                    blob = ray.get(blob_ref)
                 except RayError as err:
+                    if isinstance(err, ActorUnavailableError) and \
+                            job.unavailable < UNAVAILABLE_RETRIES:
+                        # its node died or it is restarting, and Ray gave up on the call before
+                        # it noticed: the actor comes back (max_restarts); ask for the epoch again
+                        job.unavailable += 1
+                        time.sleep(UNAVAILABLE_PAUSE_S)
+                        self._submit(job, active)
+                        continue
                     job.error = _reason(err)
                     self.tracker.line(f"{job.name:<16} failed: {job.error}")
                     self._stop(job)
                     self._write()
                     continue
                 checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
+                job.blob, job.unavailable = blob_ref, 0
                 job.epoch = record["epoch"]
                 self.placed.add(job.name)
                 job.history.append(record)
@@ -202,7 +216,7 @@ class Pipeline:
                 if job.finished:
                     self._stop(job)
                 else:
-                    active[self._submit(job)] = job
+                    self._submit(job, active)
         finally:
             for job in jobs:
                 self._stop(job)
@@ -224,10 +238,13 @@ class Pipeline:
                 f"{named(active)}. If the cluster cannot place these requests, lower them; if "
                 f"epochs are this slow, raise watchdog_s")
 
-    def _submit(self, job: Job):
-        record_ref, job.blob = job.actor.run_epoch.options(num_returns=2).remote(
+    @staticmethod
+    def _submit(job: Job, active: dict) -> None:
+        """Ask `job`'s actor for its next epoch from its last checkpoint; `active` maps the
+        record's ref to the job and the ref of the checkpoint the epoch will return."""
+        record_ref, blob_ref = job.actor.run_epoch.options(num_returns=2).remote(
             job.epoch + 1, job.blob)
-        return record_ref
+        active[record_ref] = job, blob_ref
 
     @staticmethod
     def _stop(job: Job) -> None:

@@ -56,7 +56,7 @@ def ray_session():
 # from this test run's own outcomes.
 _OUTCOMES: dict[str, bool] = {}
 _GROUPS = {
-    "faults injected and survived": ("tests/test_faults.py::",),
+    "faults injected and survived": ("tests/test_faults.py::", "tests/test_processes.py::"),
     "bad inputs refused cleanly": ("tests/test_cli.py::test_bad", "tests/test_config.py::test_bad"),
     "resume equal to an uninterrupted run": (
         "tests/test_train.py::test_resume_is_bit_identical",

@@ -97,3 +97,36 @@ def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch
     left = [f"{p.pid} {p.name()}" for p in started if p.is_running()]
     assert not left, f"processes left behind: {left}"
     assert not list(scratch.glob("ray*")), "Ray's temporary directory was left behind"
+
+
+SPECIALISTS = """
+name: nodes
+data: {val_size: 200, download: false}
+generalists:
+  model: {hidden: [64], dropout_in: 0.0, dropout_hidden: 0.1}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+specialists:
+  k: 2
+  train: {epochs: 8, batch_size: 20, lr: 0.1, jitter: 0}
+  resources: {max_restarts: 2, max_task_retries: 2}
+"""
+
+
+def test_node_removed_under_a_specialist(tmp_path, scratch):
+    import json
+
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "c.yaml"
+    config.write_text(SPECIALISTS)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", "node_removal", str(config),
+                           str(data), str(run)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(scratch)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["exit"] == [0], report
+    assert report["removed"] not in report["alive"]  # the node is gone ...
+    assert report["after"] != report["removed"]  # ... and the actor went on elsewhere
+    models = json.loads((run / "metrics.json").read_text())["models"]
+    assert all(m["status"] == "finished" for m in models.values()), models
+    assert [r["epoch"] for r in models["specialist-0"]["history"]] == list(range(1, 9))
