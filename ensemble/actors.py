@@ -20,11 +20,22 @@ TASKS = {"coordinate": ray.remote(coordinate), "evaluate_ensemble": ray.remote(e
 
 
 def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *args):
-    """Start the trainer of `role` as the named actor `name` with the resources `res` asks for."""
+    """Start the trainer of `role` as the named actor `name` with the resources `res` asks for,
+    spread over the nodes (Ray's default would fill one node first)."""
     return REMOTE[role].options(
         name=name, namespace=namespace, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
+        scheduling_strategy="SPREAD",
     ).remote(*args)
+
+
+def placement(actor):
+    """A ref to where `actor` runs: its node and the GPU ids Ray gave it (answered in turn with
+    its epochs, so after a restart it names the new place)."""
+    def where(_self):
+        context = ray.get_runtime_context()
+        return {"node": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    return actor.__ray_call__.remote(where)
 
 
 def run_task(task: str, res: ResourcesConfig, *args):

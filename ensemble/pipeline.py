@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayError
 
 from ensemble import checkpoint
-from ensemble.actors import check_resources, run_task, start_actor
+from ensemble.actors import check_resources, placement, run_task, start_actor
 from ensemble.config import ResourcesConfig, RunConfig
 from ensemble.data import Splits
 from ensemble.errors import ConfigError, TrainingError
@@ -48,6 +48,8 @@ class Job:
     actor: object = None
     error: str | None = None
     unavailable: int = 0  # epoch calls in a row that found the actor unreachable
+    placement: dict | None = None  # node and GPU ids of its actor, as it last reported them
+    placement_ref: object = None
 
     @property
     def finished(self) -> bool:
@@ -207,6 +209,8 @@ class Pipeline:
                     continue
                 checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
                 job.blob, job.unavailable = blob_ref, 0
+                with contextlib.suppress(RayError):  # lost in a restart: asked again next epoch
+                    job.placement = ray.get(job.placement_ref)
                 job.epoch = record["epoch"]
                 self.placed.add(job.name)
                 job.history.append(record)
@@ -240,8 +244,9 @@ class Pipeline:
 
     @staticmethod
     def _submit(job: Job, active: dict) -> None:
-        """Ask `job`'s actor for its next epoch from its last checkpoint; `active` maps the
-        record's ref to the job and the ref of the checkpoint the epoch will return."""
+        """Ask `job`'s actor where it runs and for its next epoch from its last checkpoint;
+        `active` maps the record's ref to the job and the ref of the checkpoint it returns."""
+        job.placement_ref = placement(job.actor)
         record_ref, blob_ref = job.actor.run_epoch.options(num_returns=2).remote(
             job.epoch + 1, job.blob)
         active[record_ref] = job, blob_ref
@@ -260,7 +265,8 @@ class Pipeline:
     def results(self) -> dict[str, dict]:
         return {job.name: {"role": job.role, "status": job.status(), "error": job.error,
                            "test_size": len(self.splits.test_y), "val_size": len(self.splits.val_y),
-                           "summary": job.summary, "history": job.history}
+                           "placement": job.placement, "summary": job.summary,
+                           "history": job.history}
                 for job in self.jobs.values()}
 
     def _write(self) -> None:

@@ -65,7 +65,20 @@ def node_removal(config, data, run) -> dict:
     return {"exit": result, "removed": before, "after": after, "alive": alive}
 
 
-SCENARIOS = {"node_removal": node_removal}
+def placement(config, data, run) -> dict:
+    """A head that runs nothing, a worker with one (fake) GPU and a CPU-only worker; torch sees
+    no GPU, so the models train on CPU wherever Ray puts them."""
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    gpu, cpu = cluster.add_node(num_cpus=4, num_gpus=1), cluster.add_node(num_cpus=4)
+    ray.init(address=cluster.address)
+    thread, result = start_run(cluster, config, data, run)
+    thread.join(timeout=500)
+    ray.shutdown()
+    cluster.shutdown()
+    return {"exit": result, "gpu_node": gpu.node_id, "cpu_node": cpu.node_id}
+
+
+SCENARIOS = {"node_removal": node_removal, "placement": placement}
 
 if __name__ == "__main__":
     scenario, *paths = sys.argv[1:]

@@ -1,6 +1,7 @@
 """What a run leaves on the machine, checked on runs of their own (subprocesses): a local Ray
 listens on loopback only, and after a normal end, an error or Ctrl-C no process it started is
 left; a node of a multi-node cluster dies under a specialist and the run still completes."""
+import json
 import os
 import shutil
 import signal
@@ -112,21 +113,61 @@ specialists:
 """
 
 
-def test_node_removed_under_a_specialist(tmp_path, scratch):
-    import json
-
+def run_scenario(name, config_text, tmp_path, scratch, cwd=None):
+    """Run tests/multinode.py's scenario `name` on a fresh cluster; return its report."""
     data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
     config = tmp_path / "c.yaml"
-    config.write_text(SPECIALISTS)
+    config.write_text(config_text)
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "tests.multinode", "node_removal", str(config),
+    proc = subprocess.run([sys.executable, "-m", "tests.multinode", name, str(config),
                            str(data), str(run)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TMPDIR": str(scratch)})
+                          env={**os.environ, "TMPDIR": str(scratch),
+                               "PYTHONPATH": str(Path(__file__).parents[1])}, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["exit"] == [0], report
+    return report, json.loads((run / "metrics.json").read_text())["models"]
+
+
+def test_node_removed_under_a_specialist(tmp_path, scratch):
+    report, models = run_scenario("node_removal", SPECIALISTS, tmp_path, scratch)
     assert report["removed"] not in report["alive"]  # the node is gone ...
     assert report["after"] != report["removed"]  # ... and the actor went on elsewhere
-    models = json.loads((run / "metrics.json").read_text())["models"]
     assert all(m["status"] == "finished" for m in models.values()), models
     assert [r["epoch"] for r in models["specialist-0"]["history"]] == list(range(1, 9))
+    assert models["specialist-0"]["placement"]["node"] == report["after"]
+
+
+PLACEMENT = """
+name: placed
+data: {val_size: 200, download: false}
+generalists:
+  count: 2
+  model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3}
+x-student: &student
+  model: {hidden: [16]}
+  train: {epochs: 2, batch_size: 50, lr: 0.3}
+  resources: {num_cpus: 1, num_gpus: 0.25}
+students: {s0: *student, s1: *student, s2: *student, s3: *student}
+"""
+
+
+def test_placement_spreads_and_packs_fractional_gpus(tmp_path, scratch):
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    report, models = run_scenario("placement", PLACEMENT, tmp_path, scratch, cwd=workdir)
+    assert all(m["status"] == "finished" for m in models.values()), models
+    # the two generalists ask for one CPU each: spread over the two workers
+    assert {models[f"generalist-{i}"]["placement"]["node"] for i in (0, 1)} == \
+        {report["gpu_node"], report["cpu_node"]}
+    assert all(models[f"generalist-{i}"]["placement"]["gpu_ids"] == [] for i in (0, 1))
+    # four students at 0.25 GPU: all on the one (fake) GPU, which they fill exactly
+    students = [models[f"student-s{i}"]["placement"] for i in range(4)]
+    assert all(p["node"] == report["gpu_node"] and p["gpu_ids"] == ["0"] for p in students)
+    # the driver wrote every artefact into the run directory; nothing else was written
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == \
+        ["checkpoints", "config.yaml", "metrics.json", "summary.md", "tb"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
+        sorted(models)
+    assert not list(workdir.iterdir())
