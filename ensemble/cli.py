@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="ROOT of local data sets (else $ENSEMBLE_DATA, else "
                                         "/usr/share/datasets)")
     run.add_argument("--run-dir", help="where results go (default runs/<name>-<timestamp>)")
-    run.add_argument("--address", help="an existing Ray cluster (default: start a local Ray)")
+    run.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                     help="an existing Ray cluster, or 'auto' (default: $RAY_ADDRESS, which "
+                          "`ray job submit` sets, else start a local Ray)")
     run.add_argument("--resume", nargs="?", const=True, metavar="RUN",
                      help="continue the run in RUN (or in --run-dir): finished models are kept")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

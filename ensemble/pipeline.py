@@ -284,6 +284,10 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
         if cfg.specialists.k:
             requests["specialists"] = cfg.specialists.resources
+        total = ray.cluster_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
+                     f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")
         pipe.scaling = check_resources(requests, cfg.autoscaler.node_types)
         if not resume:
             run.create(cfg)
