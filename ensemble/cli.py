@@ -7,10 +7,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ensemble.config import RunConfig, apply_overrides, from_dict, load_config, resume_conflicts, \
     to_dict
 from ensemble.errors import ConfigError, EnsembleError
+
+if TYPE_CHECKING:
+    from ensemble.rundir import RunDir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_run(args) -> tuple[RunConfig, Path, bool]:
+def _resolve_run(args) -> tuple[RunConfig, RunDir, bool]:
     """The config, run directory and resume flag of `ensemble run`, all checked."""
     from ensemble.rundir import RunDir
 
@@ -60,27 +64,35 @@ def _resolve_run(args) -> tuple[RunConfig, Path, bool]:
         if changed:
             raise ConfigError(f"cannot resume {path} with a changed config ({', '.join(changed)} "
                               "differ); only raising an epoch count is allowed")
-        return cfg, Path(path), True
+        return cfg, run, True
     if not args.config:
         raise ConfigError("ensemble run needs a CONFIG file (or --resume RUN)")
     cfg = load_config(args.config, args.set)
-    path = Path(args.run_dir) if args.run_dir else \
-        Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if RunDir(path).exists():
+    path = args.run_dir or str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run = RunDir(path)
+    if run.exists():
+        run.close()
         raise ConfigError(f"run directory {path} already exists; pass --resume {path} to "
                           "continue it or choose another --run-dir")
-    return cfg, path, False
+    return cfg, run, False
 
 
 def cmd_run(args) -> int:
+
+    cfg, run, resume = _resolve_run(args)
+    try:
+        return _run(args, cfg, run, resume)
+    finally:
+        run.close()  # a URI run directory: the last sync, and its staging copy removed
+
+
+def _run(args, cfg: RunConfig, run: RunDir, resume: bool) -> int:
     from ensemble.data import load_splits
-    from ensemble.rundir import RunDir
     from ensemble.tracking import Tracker
 
-    cfg, path, resume = _resolve_run(args)
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
     if resume:
-        RunDir(path).check_checkpoints(cfg)
+        run.check_checkpoints(cfg)
     if not args.address:
         # Ray replaces a loopback node address with the routable one, so a local Ray would
         # listen on every interface; as on macOS and Windows, this keeps it on 127.0.0.1. It
@@ -88,12 +100,13 @@ def cmd_run(args) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from ensemble.pipeline import run_pipeline  # imports Ray: only once the input is known good
 
-    tracker = Tracker(path / "tb")
+    path = run.location
+    tracker = Tracker(run.path / "tb")
     tracker.line(f"run {path} ({'resumed' if resume else 'new'}): {len(splits.train_y):,} "
                  f"training, {len(splits.val_y):,} validation, {len(splits.test_y):,} test "
                  f"images of {cfg.data.name}")
     try:
-        run_pipeline(cfg, RunDir(path), splits, args.address, resume, tracker)
+        run_pipeline(cfg, run, splits, args.address, resume, tracker)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: ensemble run --resume {path}", file=sys.stderr)
         return 130
@@ -103,13 +116,21 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from ensemble.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    try:
+        return _eval(args, run)
+    finally:
+        run.close()
+
+
+def _eval(args, run: RunDir) -> int:
     import torch
 
     from ensemble.data import labels_to_device, load_splits, to_device
-    from ensemble.rundir import RunDir
     from ensemble.train import count_errors, model_from_checkpoint, pick_device
 
-    run = RunDir(args.run_dir)
     cfg = run.load_config()
     splits = load_splits(cfg.data, args.data_dir)
     device = pick_device(cfg.device)

@@ -89,7 +89,7 @@ def ray_session(address: str | None, namespace: str):
 class Pipeline:
     def __init__(self, cfg: RunConfig, run: RunDir, splits: Splits, tracker: Tracker):
         self.cfg, self.run, self.splits, self.tracker = cfg, run, splits, tracker
-        self.namespace = "ensemble-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.path.resolve().name)
+        self.namespace = "ensemble-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.name)
         self.jobs: dict[str, Job] = {}
         self.subsets: dict | None = None  # the coordinator's report
         self.ensemble: dict | None = None  # generalists vs generalists + specialists
@@ -271,6 +271,7 @@ class Pipeline:
 
     def _write(self) -> None:
         self.run.write_metrics(self.results())
+        self.run.sync()
 
 
 def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | None,
@@ -299,7 +300,7 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
     failed = [f"{name} ({m['error']})" for name, m in results.items() if m["error"]]
     if failed:
         raise TrainingError(f"{len(failed)} model(s) failed: {'; '.join(failed)}; the others' "
-                            f"results are in {run.path}")
+                            f"results are in {run.location}")
     return results
 
 

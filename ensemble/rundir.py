@@ -5,10 +5,16 @@
     RUN/metrics.json                   per model: status, summary, every epoch's metrics
     RUN/summary.md                     one row per model
     RUN/tb/<model>/                    TensorBoard scalars (ensemble.tracking)
+
+RUN is a local path or a URI (`s3://bucket/run`, `gs://...`, `file:///...`): a URI is read and
+written through `pyarrow.fs` (the `uri` extra), with a local copy as staging area that
+`sync()` mirrors to it after every epoch, so no node needs a shared file system.
 """
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -19,8 +25,74 @@ from ensemble.errors import CheckpointError, ConfigError
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, location: str | Path):
+        self.location = str(location)  # what the user named: a path or a URI
+        self.fs = None
+        if "://" not in self.location:
+            self.path = Path(location)
+            return
+        try:
+            from pyarrow import fs
+        except ImportError:
+            raise ConfigError(f"a run directory URI ({self.location}) needs pyarrow: "
+                              "pip install -e '.[uri]'") from None
+        try:
+            self.fs, self.root = fs.FileSystem.from_uri(self.location)
+        except Exception as err:  # pyarrow raises several types for a URI it cannot use
+            raise ConfigError(f"cannot open the run directory {self.location}: "
+                              f"{str(err).splitlines()[0]}") from None
+        self.path = Path(tempfile.mkdtemp(prefix="ensemble-run-"))  # the staging copy
+        self._synced: dict[str, tuple[int, int]] = {}
+        self._pull()
+
+    @property
+    def name(self) -> str:
+        if self.fs is None:
+            return self.path.resolve().name
+        return self.location.rstrip("/").rsplit("/", 1)[-1]
+
+    # ------------------------------------------------------------ URI mirroring ------------------
+    def _pull(self) -> None:
+        from pyarrow import fs
+
+        selector = fs.FileSelector(self.root, recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type != fs.FileType.File or info.path.endswith(".tmp"):
+                continue
+            local = self.path / info.path[len(self.root):].lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_input_stream(info.path) as src:
+                local.write_bytes(src.read())
+            stat = local.stat()
+            self._synced[str(local.relative_to(self.path))] = (stat.st_size, stat.st_mtime_ns)
+
+    def sync(self) -> None:
+        """Mirror the staging copy to the URI: upload what changed (to a temporary name, then
+        moved into place), delete what was deleted here. A local run directory needs nothing."""
+        if self.fs is None:
+            return
+        current = {}
+        for local in self.path.rglob("*"):
+            if local.is_file() and not local.name.endswith(".tmp"):
+                stat = local.stat()
+                current[str(local.relative_to(self.path))] = (stat.st_size, stat.st_mtime_ns)
+        for rel, stamp in current.items():
+            if self._synced.get(rel) == stamp:
+                continue
+            target = f"{self.root.rstrip('/')}/{rel}"
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            with self.fs.open_output_stream(target + ".tmp") as out:
+                out.write((self.path / rel).read_bytes())
+            self.fs.move(target + ".tmp", target)
+        for rel in set(self._synced) - set(current):
+            self.fs.delete_file(f"{self.root.rstrip('/')}/{rel}")
+        self._synced = current
+
+    def close(self) -> None:
+        """Final sync, then drop the staging copy of a URI run directory."""
+        if self.fs is not None:
+            self.sync()
+            shutil.rmtree(self.path, ignore_errors=True)
 
     # ------------------------------------------------------------ config -------------------------
     @property
@@ -32,7 +104,8 @@ class RunDir:
 
     def load_config(self) -> RunConfig:
         if not self.config_path.is_file():
-            raise ConfigError(f"'{self.path}' is not a run directory (it has no config.yaml)")
+            raise ConfigError(f"'{self.location}' is not a run directory (it has no "
+                              "config.yaml)")
         try:
             raw = yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError:

@@ -150,3 +150,25 @@ def test_specialists_stage_end_to_end(ray_session, data_root, tmp_path, capsys):
     spec = metrics["specialist-0"]["summary"]  # a specialist is judged on its own labels
     assert f"| specialist-0 | {spec['best_epoch']} | {spec['val_errors']} | " \
            f"{spec['test_errors']} |" in rows
+
+
+def test_run_dir_uri_end_to_end(ray_session, data_root, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(CONFIG.replace("epochs: 3", "epochs: 1"))
+    remote = tmp_path / "bucket" / "run"
+    uri = f"file://{remote}"
+    argv = ["--data-dir", str(data_root)]
+    assert main(["run", str(config), "--run-dir", uri, *argv]) == 0
+    assert {p.name for p in remote.iterdir()} == {"checkpoints", "config.yaml", "metrics.json",
+                                                  "summary.md", "tb"}
+    assert list((remote / "tb").rglob("events.out.tfevents.*"))
+    assert not list(remote.rglob("*.tmp"))
+    # resumed from the URI with a raised epoch count: only the generalists train on
+    assert main(["run", "--resume", uri, "--set", "generalists.train.epochs=2", *argv]) == 0
+    metrics = json.loads((remote / "metrics.json").read_text())["models"]
+    assert len(metrics["generalist-0"]["history"]) == 2
+    assert (remote / "checkpoints" / "generalist-0" / "epoch-0002.safetensors").exists()
+    capsys.readouterr()
+    assert main(["eval", uri, *argv]) == 0
+    assert "| student-distilled |" in capsys.readouterr().out

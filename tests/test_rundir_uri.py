@@ -1,0 +1,48 @@
+"""A run directory named by a URI goes through pyarrow.fs with a local staging copy: every file
+arrives at the URI, deletions follow, and a fresh RunDir reads everything back."""
+import pytest
+import torch
+
+from ensemble import checkpoint
+from ensemble.cli import main
+from ensemble.config import from_dict
+from ensemble.errors import ConfigError
+from ensemble.rundir import RunDir
+
+pytest.importorskip("pyarrow")
+
+
+def test_uri_run_dir_mirrors_and_reads_back(tmp_path):
+    remote = tmp_path / "bucket" / "run"
+    uri = f"file://{remote}"
+    run = RunDir(uri)
+    assert not run.exists() and run.path != remote and run.name == "run"
+    cfg = from_dict({"name": "u"})
+    run.create(cfg)
+    blobs = {e: checkpoint.dumps({"w": torch.full((3,), float(e))}, {"epoch": e}) for e in (1, 2, 3)}
+    for epoch, blob in blobs.items():
+        checkpoint.save_epoch(run.checkpoints("generalist-0"), epoch, blob)
+        run.write_metrics({"generalist-0": {"epoch": epoch}})
+        run.sync()
+    staging = run.path
+    run.close()
+    assert not staging.exists()
+    names = sorted(str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file())
+    assert names == ["checkpoints/generalist-0/epoch-0002.safetensors",
+                     "checkpoints/generalist-0/epoch-0003.safetensors",
+                     "config.yaml", "metrics.json"]  # epoch 1 was pruned here, then there
+    again = RunDir(uri)
+    assert again.exists() and again.load_config() == cfg
+    assert again.latest("generalist-0")[0] == blobs[3]
+    again.close()
+
+
+def test_unusable_uri_is_one_clear_error(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="cannot open the run directory nosuch://x"):
+        RunDir("nosuch://x")
+    config = tmp_path / "c.yaml"
+    config.write_text("name: t\n")
+    assert main(["run", str(config), "--run-dir", "nosuch://bucket/run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ensemble: error: cannot open the run directory") and \
+        err.count("\n") == 1
