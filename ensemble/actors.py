@@ -12,10 +12,11 @@ from ensemble.config import NodeType, ResourcesConfig
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
+from ensemble.streaming import StreamTrainer
 from ensemble.train import Trainer
 
 REMOTE = {"generalist": ray.remote(Trainer), "specialist": ray.remote(SpecialistTrainer),
-          "student": ray.remote(Student)}
+          "student": ray.remote(Student), "streamed generalist": ray.remote(StreamTrainer)}
 TASKS = {"coordinate": ray.remote(coordinate), "evaluate_ensemble": ray.remote(evaluate_ensemble)}
 
 

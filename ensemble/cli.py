@@ -102,9 +102,11 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool) -> int:
 
     path = run.location
     tracker = Tracker(run.path / "tb")
-    tracker.line(f"run {path} ({'resumed' if resume else 'new'}): {len(splits.train_y):,} "
-                 f"training, {len(splits.val_y):,} validation, {len(splits.test_y):,} test "
-                 f"images of {cfg.data.name}")
+    train = f"training streamed from {cfg.data.stream}" if cfg.data.stream else \
+        f"{len(splits.train_y):,} training"
+    tracker.line(f"run {path} ({'resumed' if resume else 'new'}): {train}, "
+                 f"{len(splits.val_y):,} validation, {len(splits.test_y):,} test images of "
+                 f"{cfg.data.name}")
     try:
         run_pipeline(cfg, run, splits, args.address, resume, tracker)
     except KeyboardInterrupt:

@@ -33,6 +33,10 @@ class DataConfig:
     val_size: int = 10_000  # the last 10,000 training images (MNIST's classic validation split); 0 = none
     train_size: int = 0  # 0 = every remaining training image; fewer for quick checks
     download: bool = True  # fetch through torchvision when no local copy is found (needs network)
+    stream: str = ""  # Parquet files (folder, glob or URI) holding the training examples, streamed
+    #   to the generalists through Ray Data instead of held in memory (the `data` extra): columns
+    #   `image` (C*H*W uint8 bytes of `name`'s image shape) and `label`. Validation and test still
+    #   come from `name`. Generalists only: students and specialists need an in-memory transfer set
 
     def __post_init__(self):
         _require(self.val_size >= 0, "val_size", "must be >= 0", self.val_size)
@@ -66,6 +70,7 @@ class TrainConfig:
     schedule: Literal["constant", "cosine", "exponential"] = "cosine"  # per-epoch learning-rate rule
     lr_decay: float = 0.95  # per-epoch factor of the exponential schedule (2012 used 0.998 over 3000)
     jitter: int = 0  # random translation of each image by up to this many pixels; §3 teacher: 2
+    shuffle: bool = True  # a fresh order each epoch; false: the data set's order, every epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, weights and optimiser
     #   state stay fp32; for GPUs and AVX-512 BF16 CPUs (this project's 2-core CI host has no
     #   AVX-512: bf16 matmuls ran there at 2 GFLOP/s against 80 in fp32)
@@ -216,6 +221,9 @@ class RunConfig:
                  f"must be at most the number of classes ({classes})", self.specialists.k)
         _require(self.specialists.top_n <= classes, "specialists.top_n",
                  f"must be at most the number of classes ({classes})", self.specialists.top_n)
+        _require(not self.data.stream or (not self.students and self.specialists.k == 0),
+                 "data.stream", "trains the generalists only: drop the students and set "
+                 "specialists.k to 0", self.data.stream)
         for name, student in self.students.items():
             _require(student.soft_targets == "generalists" or self.specialists.k > 0,
                      f"students.{name}.soft_targets", "can be 'ensemble' only with specialists "

@@ -231,6 +231,8 @@ def load_splits(cfg: DataConfig, data_dir: str | Path | None = None) -> Splits:
                         f"{len(train_x)} training images")
     cut = len(train_x) - cfg.val_size
     keep = min(cut, cfg.train_size) if cfg.train_size else cut
+    if cfg.stream:
+        keep = 0  # the training examples stream from cfg.stream (ensemble.streaming)
     return Splits(cfg.name, tuple(classes), train_x[:keep], train_y[:keep], train_x[cut:],
                   train_y[cut:], test_x, test_y)
 

@@ -49,6 +49,7 @@ class Job:
     error: str | None = None
     unavailable: int = 0  # epoch calls in a row that found the actor unreachable
     placement: dict | None = None  # node and GPU ids of its actor, as it last reported them
+    remote: str = ""  # which trainer its actor runs (ensemble.actors.REMOTE), if not its role's
     placement_ref: object = None
 
     @property
@@ -95,6 +96,7 @@ class Pipeline:
         self.ensemble: dict | None = None  # generalists vs generalists + specialists
         self.scaling: set[str] = set()  # requests no live node holds: waiting for a new node
         self.placed: set[str] = set()  # models that finished an epoch in this session
+        self.stream = None  # the Ray Data Dataset of data.stream, when the generalists stream
 
     # ------------------------------------------------------------ the stages ---------------------
     def execute(self, data_ref) -> dict[str, Job]:
@@ -102,8 +104,11 @@ class Pipeline:
         gen = cfg.generalists
         generalists = [self._job(f"generalist-{i}", "generalist", gen.resources, gen.train.epochs,
                                  (f"generalist-{i}", gen.model, gen.train, data_ref, cfg.seed + i,
-                                  gen.resources.threads, cfg.device))
+                                  gen.resources.threads, cfg.device)
+                                 + ((self.stream,) if self.stream is not None else ()))
                        for i in range(gen.count)]
+        for job in generalists:
+            job.remote = "streamed generalist" if self.stream is not None else ""
         self._train(generalists)
         teachers = [job for job in generalists if job.finished and not job.error]
         complete = len(teachers) == gen.count
@@ -178,7 +183,7 @@ class Pipeline:
                 if job.finished:
                     self.tracker.line(f"{job.name:<16} finished earlier ({job.epoch} epochs)")
                     continue
-                job.actor = start_actor(job.role, job.name, self.namespace, job.resources,
+                job.actor = start_actor(job.remote or job.role, job.name, self.namespace, job.resources,
                                         *job.args)
                 self._submit(job, active)
             while active:
@@ -290,6 +295,10 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
                      f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")
         pipe.scaling = check_resources(requests, cfg.autoscaler.node_types)
+        if cfg.data.stream:
+            from ensemble.streaming import open_stream
+
+            pipe.stream = open_stream(cfg.data.stream)
         if not resume:
             run.create(cfg)
         data_ref = ray.put(splits)

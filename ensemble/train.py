@@ -63,8 +63,10 @@ def count_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 class Trainer:
     """Trains one named model on `data` and reports each epoch's metrics.
 
-    Subclasses change what a batch costs by overriding `batch_loss` (distillation does).
+    Subclasses change what a batch costs by overriding `batch_loss` (distillation does), and
+    where batches come from by overriding `epoch_batches` (ensemble.streaming does).
     """
+    streams = False  # True: the training examples come from epoch_batches, not from `data`
 
     def __init__(self, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, data: Splits,
                  seed: int, threads: int = 1, device: str = "auto"):
@@ -79,7 +81,7 @@ class Trainer:
         self.val = (to_device(data.val_x, self.device), labels_to_device(data.val_y, self.device))
         self.test = (to_device(data.test_x, self.device),
                      labels_to_device(data.test_y, self.device))
-        if len(self.x) == 0:
+        if len(self.x) == 0 and not self.streams:
             raise TrainingError(f"{name} has no training examples")
         self.opt = torch.optim.SGD(self.model.parameters(), lr=train_cfg.lr,
                                    momentum=train_cfg.momentum,
@@ -103,13 +105,19 @@ class Trainer:
     def epoch_batches(self):
         """Index tensors of one epoch's batches: a fresh permutation, sliced."""
         n, size = len(self.x), self.cfg.batch_size
-        perm = torch.randperm(n, device=self.device, generator=self.batches)
+        perm = torch.randperm(n, device=self.device, generator=self.batches) if self.cfg.shuffle \
+            else torch.arange(n, device=self.device)
         return (perm[lo:lo + size] for lo in range(0, n, size))
 
     def autocast(self):
         """bf16 autocast on this trainer's device when its config asks for it (else a no-op)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.precision == "bf16")
+
+    @staticmethod
+    def batch_size_of(batch) -> int:
+        """How many examples `batch` (what epoch_batches yields) holds."""
+        return len(batch)
 
     def extra_meta(self) -> dict:
         """What a subclass adds to its checkpoint's metadata to rebuild its model."""
@@ -140,8 +148,11 @@ class Trainer:
             opt.step()
             if self.model_cfg.max_norm > 0:
                 apply_max_norm(model, self.model_cfg.max_norm)
-            total += loss.detach() * len(idx)
-            n += len(idx)
+            size = self.batch_size_of(idx)
+            total += loss.detach() * size
+            n += size
+        if n == 0:
+            raise TrainingError(f"{self.name} got no training examples in epoch {self.epoch + 1}")
         mean_loss = float(total) / n  # the epoch's one host sync
         train_seconds = time.perf_counter() - start
         self._save_rng()

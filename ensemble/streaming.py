@@ -1,0 +1,87 @@
+"""Training examples streamed through Ray Data (`data.stream`), for data sets larger than memory.
+
+The driver opens the Parquet files lazily (`open_stream`) and hands the Dataset to each
+generalist's actor; `StreamTrainer` pulls one epoch's batches from it, decoding each batch's
+images to the same float tensors the in-memory path uses. With `train.shuffle: false` both paths
+see the same batches in the same order and train to identical weights (tested); with shuffling
+on, each epoch draws a seeded order from a shuffle buffer as the rows stream past.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ensemble.data import to_device, translate
+from ensemble.errors import DataError
+from ensemble.train import Trainer
+
+SHUFFLE_BUFFER = 20_000  # rows; a window of the stream, not a global shuffle
+
+
+def open_stream(source: str):
+    """The Ray Data Dataset of the Parquet files at `source` (read lazily, by the actors)."""
+    try:
+        import ray.data
+    except ImportError:
+        raise DataError("data.stream needs Ray Data: pip install -e '.[data]'") from None
+    try:
+        # read tasks ask for no CPU: they are I/O and must not wait behind the actors that
+        # hold every CPU of a small cluster while they consume the stream
+        ds = ray.data.read_parquet(source, ray_remote_args={"num_cpus": 0})
+        ds = ds.select_columns(["image", "label"])
+    except Exception as err:  # Ray Data and pyarrow raise many types for a source they cannot use
+        raise DataError(f"cannot read the Parquet files at data.stream={source}: "
+                        f"{str(err).strip().splitlines()[0]}") from None
+    # the files' order, whichever read task ends first: epochs are then reproducible, and a
+    # restarted actor repeats the epoch it lost
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+class StreamTrainer(Trainer):
+    """A Trainer whose training examples come from a Ray Data Dataset, one batch at a time."""
+    streams = True
+
+    def __init__(self, name, model_cfg, train_cfg, data, seed, threads=1, device="auto",
+                 stream=None):
+        super().__init__(name, model_cfg, train_cfg, data, seed, threads, device)
+        self.stream = stream
+
+    def epoch_batches(self):
+        shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER,
+                   "local_shuffle_seed": self.seed + self.epoch} if self.cfg.shuffle else {}
+        shape = (-1, *self.image_shape)
+        for batch in self.stream.iter_batches(batch_size=self.cfg.batch_size,
+                                              batch_format="numpy", **shuffle):
+            pixels = np.frombuffer(b"".join(batch["image"]), np.uint8)
+            if pixels.size != len(batch["label"]) * int(np.prod(self.image_shape)):
+                raise DataError(f"{self.name}: the streamed images are not of shape "
+                                f"{self.image_shape} (uint8)")
+            yield (to_device(pixels.reshape(shape), self.device),
+                   torch.as_tensor(batch["label"], dtype=torch.int64, device=self.device))
+
+    def batch_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.model(translate(x, self.cfg.jitter, self.batches)), y)
+
+    @staticmethod
+    def batch_size_of(batch) -> int:
+        return len(batch[1])
+
+
+def write_parquet(path, images: np.ndarray, labels: np.ndarray, rows_per_file: int = 0) -> None:
+    """Write uint8 images (N,C,H,W) and labels as the Parquet files `data.stream` reads: one
+    file, or one per `rows_per_file` rows, in the folder `path`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pathlib import Path
+
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    step = rows_per_file or len(images)
+    for i, lo in enumerate(range(0, len(images), step)):
+        chunk = images[lo:lo + step]
+        table = pa.table({"image": [row.tobytes() for row in chunk],
+                          "label": labels[lo:lo + step].astype(np.int64)})
+        pq.write_table(table, folder / f"part-{i:05d}.parquet")
