@@ -2,6 +2,7 @@
 `python -m tests.multinode SCENARIO CONFIG DATA RUN` in a process of its own (the test session's
 Ray cannot share the interpreter); prints one JSON line for the test to check."""
 import json
+import os
 import sys
 import threading
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import ray
 from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ensemble.cli import main
 
@@ -66,16 +68,30 @@ def node_removal(config, data, run) -> dict:
 
 
 def placement(config, data, run) -> dict:
-    """A head that runs nothing, a worker with one (fake) GPU and a CPU-only worker; torch sees
-    no GPU, so the models train on CPU wherever Ray puts them."""
+    """A head that runs nothing, a worker with one (fake) GPU and a CPU-only worker, each started
+    in a working directory of its own (RUN/../node-gpu, node-cpu); torch sees no GPU, so the
+    models train on CPU wherever Ray puts them."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    gpu, cpu = cluster.add_node(num_cpus=4, num_gpus=1), cluster.add_node(num_cpus=4)
+    nodes = {}
+    for kind, gpus in (("gpu", 1), ("cpu", 0)):
+        workdir = run.parent / f"node-{kind}"
+        workdir.mkdir()
+        here = os.getcwd()
+        os.chdir(workdir)  # the node's raylet, and the workers it starts, begin there
+        try:
+            nodes[kind] = cluster.add_node(num_cpus=4, num_gpus=gpus)
+        finally:
+            os.chdir(here)
     ray.init(address=cluster.address)
+    cwd = {kind: ray.get(ray.remote(os.getcwd).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote())
+        for kind, node in nodes.items()}
     thread, result = start_run(cluster, config, data, run)
     thread.join(timeout=500)
     ray.shutdown()
     cluster.shutdown()
-    return {"exit": result, "gpu_node": gpu.node_id, "cpu_node": cpu.node_id}
+    return {"exit": result, "gpu_node": nodes["gpu"].node_id, "cpu_node": nodes["cpu"].node_id,
+            "cwd": cwd}
 
 
 SCENARIOS = {"node_removal": node_removal, "placement": placement}

@@ -171,3 +171,7 @@ def test_placement_spreads_and_packs_fractional_gpus(tmp_path, scratch):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
         sorted(models)
     assert not list(workdir.iterdir())
+    # each worker node ran in a working directory of its own, and no actor wrote there
+    for kind in ("gpu", "cpu"):
+        assert report["cwd"][kind] == str(tmp_path / f"node-{kind}")
+        assert not list((tmp_path / f"node-{kind}").iterdir())
