@@ -67,6 +67,10 @@ def node_removal(config, data, run) -> dict:
     return {"exit": result, "removed": before, "after": after, "alive": alive}
 
 
+def working_directory() -> str:
+    return os.getcwd()
+
+
 def placement(config, data, run) -> dict:
     """A head that runs nothing, a worker with one (fake) GPU and a CPU-only worker, each started
     in a working directory of its own (RUN/../node-gpu, node-cpu); torch sees no GPU, so the
@@ -83,7 +87,7 @@ def placement(config, data, run) -> dict:
         finally:
             os.chdir(here)
     ray.init(address=cluster.address)
-    cwd = {kind: ray.get(ray.remote(os.getcwd).options(
+    cwd = {kind: ray.get(ray.remote(working_directory).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False)).remote())
         for kind, node in nodes.items()}
     thread, result = start_run(cluster, config, data, run)

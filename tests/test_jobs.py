@@ -75,6 +75,13 @@ def test_ray_job_submit_runs_ensemble(tmp_path):
             str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port",
             str(dashboard), "--num-cpus", "2", "--temp-dir", str(scratch / "ray"),
             "--disable-usage-stats"]
+    # every port Ray would otherwise take from its fixed defaults, which another Ray on this
+    # machine (the test session's) may hold: a dashboard agent that cannot bind its port
+    # leaves the head with "no available agent to submit job"
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port"):
+        head += [flag, str(free_port())]
+    env.update(AUTOSCALER_METRIC_PORT=str(free_port()), DASHBOARD_METRIC_PORT=str(free_port()))
     data = write_mnist_like(tmp_path / "data", n_train=1000, n_test=200)
     config = tmp_path / "submitted.yaml"
     config.write_text(CONFIG)
@@ -90,10 +97,14 @@ def test_ray_job_submit_runs_ensemble(tmp_path):
                               capture_output=True).returncode == 0:
                 break
             time.sleep(1)
-        job = subprocess.run(
-            [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-             "python", "-m", "ensemble.cli", "run", str(config), "--data-dir", str(data),
-             "--run-dir", str(run)], env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(15):  # the head's job agent may still be starting: it says so
+            job = subprocess.run(
+                [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+                 "python", "-m", "ensemble.cli", "run", str(config), "--data-dir", str(data),
+                 "--run-dir", str(run)], env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stderr + job.stdout:
+                break
+            time.sleep(2)
         started = started_by(str(scratch / "ray"))  # the job's own processes too
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + \
             job.stderr[-3000:]
