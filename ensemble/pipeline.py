@@ -97,6 +97,15 @@ class Pipeline:
         self.scaling: set[str] = set()  # requests no live node holds: waiting for a new node
         self.placed: set[str] = set()  # models that finished an epoch in this session
         self.stream = None  # the Ray Data Dataset of data.stream, when the generalists stream
+        self.timings: dict[str, float] = {}  # driver wall seconds per phase (summary.md, TB)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------ the stages ---------------------
     def execute(self, data_ref) -> dict[str, Job]:
@@ -109,10 +118,13 @@ class Pipeline:
                        for i in range(gen.count)]
         for job in generalists:
             job.remote = "streamed generalist" if self.stream is not None else ""
-        self._train(generalists)
+        with self.timed("generalists"):
+            self._train(generalists)
         teachers = [job for job in generalists if job.finished and not job.error]
         complete = len(teachers) == gen.count
-        teacher_ref = ray.put([self._bytes(job.blob) for job in teachers]) if complete else None
+        with self.timed("data placement"):
+            teacher_ref = ray.put([self._bytes(job.blob) for job in teachers]) if complete \
+                else None
         specialist_ref = None
         if cfg.specialists.k > 0:
             specialist_ref = self._specialists(teacher_ref, data_ref) if complete else None
@@ -132,7 +144,8 @@ class Pipeline:
                        cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device,
                        specialist_ref if scfg.soft_targets == "ensemble" else [],
                        cfg.specialists))
-        self._train([j for j in self.jobs.values() if j.role == "student" and not j.error])
+        with self.timed("students"):
+            self._train([j for j in self.jobs.values() if j.role == "student" and not j.error])
         return self.jobs
 
     def _specialists(self, teacher_ref, data_ref):
@@ -141,8 +154,9 @@ class Pipeline:
         cfg, spec = self.cfg, self.cfg.specialists
         self.subsets = self.run.read_json("subsets.json")  # a resumed run keeps its subsets
         if self.subsets is None:
-            self.subsets = run_task("coordinate", self.cfg.generalists.resources, spec,
-                                    teacher_ref, data_ref, cfg.device)
+            with self.timed("coordinator"):
+                self.subsets = run_task("coordinate", self.cfg.generalists.resources, spec,
+                                        teacher_ref, data_ref, cfg.device)
             self.run.write_json("subsets.json", self.subsets)
         for i, names in enumerate(self.subsets["names"]):
             self.tracker.line(f"specialist-{i:<5} covers {', '.join(names)}")
@@ -152,12 +166,15 @@ class Pipeline:
                            cfg.seed + SPECIALIST_SEED_OFFSET + i, spec.resources.threads,
                            cfg.device))
                 for i, members in enumerate(self.subsets["subsets"])]
-        self._train(jobs)
+        with self.timed("specialists"):
+            self._train(jobs)
         if any(job.error or not job.finished for job in jobs):
             return None
-        specialist_ref = ray.put([self._bytes(job.blob) for job in jobs])
-        self.ensemble = run_task("evaluate_ensemble", spec.resources, teacher_ref,
-                                 specialist_ref, spec, data_ref, cfg.device)
+        with self.timed("data placement"):
+            specialist_ref = ray.put([self._bytes(job.blob) for job in jobs])
+        with self.timed("combination"):
+            self.ensemble = run_task("evaluate_ensemble", spec.resources, teacher_ref,
+                                     specialist_ref, spec, data_ref, cfg.device)
         self.ensemble["top_n"] = spec.top_n
         self.run.write_json("ensemble.json", self.ensemble)
         test = self.ensemble["test"]
@@ -212,7 +229,8 @@ class Pipeline:
                     self._stop(job)
                     self._write()
                     continue
-                checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
+                with self.timed("checkpoint writing"):
+                    checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
                 job.blob, job.unavailable = blob_ref, 0
                 with contextlib.suppress(RayError):  # lost in a restart: asked again next epoch
                     job.placement = ray.get(job.placement_ref)
@@ -221,7 +239,8 @@ class Pipeline:
                 job.history.append(record)
                 job.summary = checkpoint.read_meta(blob)["summary"]
                 self.tracker.epoch(job.name, job.epochs, record)
-                self._write()
+                with self.timed("checkpoint writing"):
+                    self._write()
                 if job.finished:
                     self._stop(job)
                 else:
@@ -284,7 +303,9 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
     """Train every model of `cfg` into `run`; raise TrainingError if any failed (after writing
     the results of all the others)."""
     pipe = Pipeline(cfg, run, splits, tracker)
+    started = time.perf_counter()
     with ray_session(address, pipe.namespace):
+        pipe.timings["ray start"] = time.perf_counter() - started
         requests = {f"generalist-{i}": cfg.generalists.resources
                     for i in range(cfg.generalists.count)}
         requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
@@ -301,11 +322,15 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
             pipe.stream = open_stream(cfg.data.stream)
         if not resume:
             run.create(cfg)
-        data_ref = ray.put(splits)
+        with pipe.timed("data placement"):
+            data_ref = ray.put(splits)
         pipe.execute(data_ref)
+    pipe.timings["total"] = time.perf_counter() - started
     results = pipe.results()
     run.write_metrics(results)
-    tracker.line("\n" + run.write_summary(cfg.name, results, pipe.subsets, pipe.ensemble))
+    tracker.timings(pipe.timings)
+    tracker.line("\n" + run.write_summary(cfg.name, results, pipe.subsets, pipe.ensemble,
+                                          pipe.timings))
     failed = [f"{name} ({m['error']})" for name, m in results.items() if m["error"]]
     if failed:
         raise TrainingError(f"{len(failed)} model(s) failed: {'; '.join(failed)}; the others' "

@@ -159,8 +159,9 @@ class RunDir:
         checkpoint.write_atomic(self.path / name, json.dumps(data, indent=1).encode())
 
     def write_summary(self, title: str, models: dict[str, dict], subsets: dict | None = None,
-                      ensemble: dict | None = None) -> str:
-        text = summary_table(title, models) + specialists_section(subsets, ensemble)
+                      ensemble: dict | None = None, timings: dict | None = None) -> str:
+        text = summary_table(title, models) + specialists_section(subsets, ensemble) + \
+            timings_section(timings, models)
         checkpoint.write_atomic(self.path / "summary.md", text.encode())
         return text
 
@@ -214,6 +215,31 @@ def specialists_section(subsets: dict | None, ensemble: dict | None) -> str:
         for r in ensemble["table4"]:
             lines.append(f"| {r['specialists']} | {r['examples']} | {r['generalist_correct']} | "
                          f"{r['ensemble_correct']} | {r['change']:+d} | {r['relative']:+.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+PHASES = ("ray start", "data placement", "generalists", "coordinator", "specialists",
+          "combination", "students")
+
+
+def timings_section(timings: dict | None, models: dict[str, dict]) -> str:
+    """Markdown: the driver's wall time by phase (the stages include starting their actors and
+    the checkpoint writing, shown apart as well), and the actors' training and evaluating time."""
+    if not timings:
+        return ""
+    total = timings["total"]
+    lines = ["", "## Where the time went", "", "| phase | seconds | share |", "|---|---:|---:|"]
+    for phase in PHASES + ("checkpoint writing",):
+        if phase in timings:
+            label = "of which checkpoint writing" if phase == "checkpoint writing" else phase
+            lines.append(f"| {label} | {timings[phase]:.1f} | {timings[phase] / total:.0%} |")
+    lines.append(f"| total | {total:.1f} | 100% |")
+    epochs = [r for m in models.values() for r in m.get("history", [])]
+    if epochs:
+        train = sum(r["train_seconds"] for r in epochs)
+        evaluate = sum(r["seconds"] - r["train_seconds"] for r in epochs)
+        lines += ["", f"Inside the actors (summed over models, this session's epochs and those "
+                      f"before): training {train:.1f} s, evaluating {evaluate:.1f} s."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,13 @@ class Tracker:
                   f"  val {record['val_errors']:>5} err  test {record['test_errors']:>5} err"
                   f"  {record['samples_per_s']:>8,.0f} samples/s")
 
+    def timings(self, seconds: dict[str, float]) -> None:
+        """The run's time breakdown as scalars time/<phase> under RUN/tb/run/."""
+        writer = self._writer("run")
+        for phase, value in seconds.items():
+            writer.add_scalar(f"time/{phase.replace(' ', '_')}", value, 0)
+        writer.flush()
+
     def line(self, text: str) -> None:
         print(text, file=self.out or sys.stdout, flush=True)
 

@@ -1,5 +1,6 @@
 """`ensemble run` end to end on a local Ray (started once per test session)."""
 import json
+import re
 
 import pytest
 
@@ -49,6 +50,13 @@ def test_run_writes_every_artefact(finished_run):
     assert list((run / "tb" / "student-distilled").glob("events.out.tfevents.*"))
     summary = (run / "summary.md").read_text()
     assert summary.count("| finished |") == 4
+    # the time breakdown: the phases add up to no more than the total, and TensorBoard has it
+    section = summary.split("## Where the time went")[1]
+    seconds = {m[0]: float(m[1]) for m in re.findall(r"\| ([a-z ]+) \| ([\d.]+) \|", section)}
+    assert {"ray start", "data placement", "generalists", "students", "total"} <= set(seconds)
+    phases = sum(v for k, v in seconds.items() if k not in ("total", "of which checkpoint writing"))
+    assert 0 < phases <= seconds["total"] + 0.2
+    assert list((run / "tb" / "run").glob("events.out.tfevents.*"))
     assert "name: tiny" in (run / "config.yaml").read_text()
     # the two generalists had different seeds, so they are different models
     assert metrics["generalist-0"]["history"] != metrics["generalist-1"]["history"]
