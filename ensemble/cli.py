@@ -55,16 +55,11 @@ def _resolve_run(args) -> tuple[RunConfig, RunDir, bool]:
         if args.run_dir and isinstance(args.resume, str) and Path(args.run_dir) != Path(path):
             raise ConfigError("--resume RUN and --run-dir name different directories")
         run = RunDir(path)
-        saved = run.load_config()
-        if args.config:
-            cfg = load_config(args.config, args.set)
-        else:
-            cfg = from_dict(apply_overrides(to_dict(saved), args.set))
-        changed = resume_conflicts(saved, cfg)
-        if changed:
-            raise ConfigError(f"cannot resume {path} with a changed config ({', '.join(changed)} "
-                              "differ); only raising an epoch count is allowed")
-        return cfg, run, True
+        try:
+            return _resumed_config(args, run), run, True
+        except ConfigError:
+            run.close()  # a URI run directory's staging copy goes; nothing was changed
+            raise
     if not args.config:
         raise ConfigError("ensemble run needs a CONFIG file (or --resume RUN)")
     cfg = load_config(args.config, args.set)
@@ -75,6 +70,21 @@ def _resolve_run(args) -> tuple[RunConfig, RunDir, bool]:
         raise ConfigError(f"run directory {path} already exists; pass --resume {path} to "
                           "continue it or choose another --run-dir")
     return cfg, run, False
+
+
+def _resumed_config(args, run: RunDir) -> RunConfig:
+    """The config to resume `run` with: its own, or CONFIG, with --set applied; refused if it
+    changes anything but an epoch count or a bound on waiting."""
+    saved = run.load_config()
+    if args.config:
+        cfg = load_config(args.config, args.set)
+    else:
+        cfg = from_dict(apply_overrides(to_dict(saved), args.set))
+    changed = resume_conflicts(saved, cfg)
+    if changed:
+        raise ConfigError(f"cannot resume {run.location} with a changed config "
+                          f"({', '.join(changed)} differ); only raising an epoch count is allowed")
+    return cfg
 
 
 def cmd_run(args) -> int:

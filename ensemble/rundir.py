@@ -79,14 +79,17 @@ class RunDir:
         for rel, stamp in current.items():
             if self._synced.get(rel) == stamp:
                 continue
-            target = f"{self.root.rstrip('/')}/{rel}"
+            target = self._remote(rel)
             self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
             with self.fs.open_output_stream(target + ".tmp") as out:
                 out.write((self.path / rel).read_bytes())
             self.fs.move(target + ".tmp", target)
         for rel in set(self._synced) - set(current):
-            self.fs.delete_file(f"{self.root.rstrip('/')}/{rel}")
+            self.fs.delete_file(self._remote(rel))
         self._synced = current
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.root.rstrip('/')}/{rel}"
 
     def close(self) -> None:
         """Final sync, then drop the staging copy of a URI run directory."""

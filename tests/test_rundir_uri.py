@@ -46,3 +46,20 @@ def test_unusable_uri_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ensemble: error: cannot open the run directory") and \
         err.count("\n") == 1
+
+
+def test_refused_resume_of_a_uri_leaves_no_staging_copy(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    remote = tmp_path / "bucket" / "run"
+    run = RunDir(f"file://{remote}")
+    run.create(from_dict({"name": "u"}))
+    run.close()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    before = (remote / "config.yaml").read_bytes()
+    assert main(["run", "--resume", f"file://{remote}", "--set", "seed=3"]) == 2
+    assert "changed config (seed differ)" in capsys.readouterr().err
+    assert not list(staging.iterdir())  # the staging copy was removed
+    assert (remote / "config.yaml").read_bytes() == before
