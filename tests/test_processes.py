@@ -68,7 +68,7 @@ def wait_for(path: Path, proc: subprocess.Popen, limit: float = 180):
 def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch):
     data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
     config = tmp_path / "c.yaml"
-    epochs = 40 if end == "interrupt" else 4
+    epochs = 2000 if end == "interrupt" else 4  # interrupted long before its end
     config.write_text(CONFIG.replace("EPOCHS", str(epochs)) + (BLOWS_UP if end == "error" else ""))
     run = tmp_path / "run"
     driver = subprocess.Popen(
