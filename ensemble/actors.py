@@ -15,8 +15,41 @@ from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
 from ensemble.streaming import StreamTrainer
 from ensemble.train import Trainer
 
-REMOTE = {"generalist": ray.remote(Trainer), "specialist": ray.remote(SpecialistTrainer),
-          "student": ray.remote(Student), "streamed generalist": ray.remote(StreamTrainer)}
+METRICS = {  # Ray metric (Prometheus: ray_<name>) -> key of an epoch record
+    "ensemble_epoch": ("epoch", "epochs trained so far"),
+    "ensemble_loss": ("loss", "mean training loss of the last epoch"),
+    "ensemble_samples_per_s": ("samples_per_s", "training examples per second, last epoch"),
+    "ensemble_val_errors": ("val_errors", "validation errors after the last epoch"),
+    "ensemble_test_errors": ("test_errors", "test errors after the last epoch"),
+}
+
+
+class Metered:
+    """Each epoch's numbers as Ray metrics tagged with the model and its role, for the Ray
+    dashboard's metrics view (through Prometheus and Grafana) and any Prometheus scraper."""
+    role = ""
+
+    def run_epoch(self, epoch: int, last: bytes | None = None):
+        record, blob = super().run_epoch(epoch, last)
+        if not hasattr(self, "_gauges"):
+            from ray.util.metrics import Gauge
+
+            self._gauges = {key: Gauge(name, description=about, tag_keys=("model", "role"))
+                            for name, (key, about) in METRICS.items()}
+        tags = {"model": self.name, "role": self.role}
+        for key, gauge in self._gauges.items():
+            gauge.set(float(record[key]), tags=tags)
+        return record, blob
+
+
+def _remote(cls, role: str):
+    """`cls` as a Ray actor class that also publishes its epochs as metrics."""
+    return ray.remote(type(cls.__name__, (Metered, cls), {"role": role.split()[-1]}))
+
+
+REMOTE = {role: _remote(cls, role) for role, cls in (
+    ("generalist", Trainer), ("specialist", SpecialistTrainer), ("student", Student),
+    ("streamed generalist", StreamTrainer))}
 TASKS = {"coordinate": ray.remote(coordinate), "evaluate_ensemble": ray.remote(evaluate_ensemble)}
 
 

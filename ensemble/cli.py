@@ -1,4 +1,4 @@
-"""`ensemble run | eval`: every mistake in the input ends in one sentence on stderr and a
+"""`ensemble run | eval | report | export`: every mistake in the input ends in one sentence on stderr and a
 non-zero exit, before any work starts and without touching an existing run directory."""
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def _parser() -> argparse.ArgumentParser:
                                      "test sets")
     ev.add_argument("run_dir")
     ev.add_argument("--data-dir")
+    rep = sub.add_parser("report", help="write RUN/report.html and RUN/report.md (tables and "
+                                        "figures) from a run directory")
+    rep.add_argument("run_dir")
+    exp = sub.add_parser("export", help="write one model as ONNX and as a torch.export program "
+                                        "into RUN/export/")
+    exp.add_argument("run_dir")
+    exp.add_argument("--model", default="student",
+                     help="a model of the run (e.g. student-distilled) or a role (generalist, "
+                          "specialist, student: its model with the fewest validation errors); "
+                          "default: student")
     return parser
 
 
@@ -182,10 +192,45 @@ def _eval(args, run: RunDir) -> int:
     return 0
 
 
+def _existing_run(location: str) -> RunDir:
+    from ensemble.rundir import RunDir
+
+    run = RunDir(location)
+    if not run.config_path.is_file():
+        run.close()
+        raise ConfigError(f"'{location}' is not a run directory (it has no config.yaml)")
+    return run
+
+
+def cmd_report(args) -> int:
+    from ensemble import report
+
+    run = _existing_run(args.run_dir)
+    try:
+        files = report.write(run)
+    finally:
+        run.close()
+    print(f"wrote {', '.join(files[:2])} and {len(files) - 2} figure(s) in {run.location}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ensemble import export
+
+    run = _existing_run(args.run_dir)
+    try:
+        files = export.export(run, args.model)
+    finally:
+        run.close()
+    print(f"wrote {', '.join(files)} in {run.location}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
-        return {"run": cmd_run, "eval": cmd_eval}[args.command](args)
+        return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report,
+                "export": cmd_export}[args.command](args)
     except EnsembleError as err:
         print(f"ensemble: error: {err}", file=sys.stderr)
         return err.exit_code

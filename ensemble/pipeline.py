@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorUnavailableError, RayError
 
-from ensemble import checkpoint
+from ensemble import checkpoint, figures
 from ensemble.actors import check_resources, placement, run_task, start_actor
 from ensemble.config import ResourcesConfig, RunConfig
 from ensemble.data import Splits
 from ensemble.errors import ConfigError, TrainingError
+from ensemble.report import temperature_grid
 from ensemble.rundir import RunDir
 from ensemble.tracking import Tracker
 
@@ -63,24 +64,25 @@ class Job:
 @contextlib.contextmanager
 def ray_session(address: str | None, namespace: str):
     """Connect to `address`, or start a local Ray with a temporary directory of its own; reuse a
-    Ray this process already started (tests). Everything started here is stopped on exit."""
+    Ray this process already started (tests). Everything started here is stopped on exit.
+    Yields the dashboard's address, if the Ray has one."""
     if ray.is_initialized():
-        yield
+        yield None
         return
     temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
     try:
         # a local Ray on loopback: Ray swaps 127.0.0.1 for the routable address unless
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before it was imported (the CLI does)
         local = {} if address else {"_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, namespace=namespace, _temp_dir=temp,
-                 logging_level=logging.WARNING, **local)
+        context = ray.init(address=address, namespace=namespace, _temp_dir=temp,
+                           logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise ConfigError(f"cannot start or reach {where}: {str(err).splitlines()[0]}") from None
     try:
-        yield
+        yield getattr(context, "dashboard_url", None)
     finally:
         ray.shutdown()
         if temp:
@@ -158,6 +160,11 @@ class Pipeline:
                 self.subsets = run_task("coordinate", self.cfg.generalists.resources, spec,
                                         teacher_ref, data_ref, cfg.device)
             self.run.write_json("subsets.json", self.subsets)
+            labels = list(self.splits.classes)
+            self.tracker.image("run", "specialists/covariance", figures.covariance(
+                self.subsets["covariance"], labels, "Covariance of predicted probabilities"))
+            self.tracker.image("run", "specialists/subsets",
+                               figures.subsets(self.subsets["subsets"], labels))
         for i, names in enumerate(self.subsets["names"]):
             self.tracker.line(f"specialist-{i:<5} covers {', '.join(names)}")
         generalist_ref = ray.put(ray.get(teacher_ref)[0])  # specialists start from generalist-0
@@ -177,6 +184,9 @@ class Pipeline:
                                      specialist_ref, spec, data_ref, cfg.device)
         self.ensemble["top_n"] = spec.top_n
         self.run.write_json("ensemble.json", self.ensemble)
+        self.tracker.image("ensemble", "confusion/test", figures.confusion(
+            self.ensemble["test"]["ensemble_confusion"], list(self.splits.classes),
+            "generalists + specialists"))
         test = self.ensemble["test"]
         self.tracker.line(f"{'ensemble':<16} test errors: generalists {test['generalist_errors']}, "
                           f"with specialists {test['ensemble_errors']}")
@@ -202,6 +212,7 @@ class Pipeline:
                     continue
                 job.actor = start_actor(job.remote or job.role, job.name, self.namespace, job.resources,
                                         *job.args)
+                self.tracker.started(job.name, job.epoch, job.epochs)
                 self._submit(job, active)
             while active:
                 jobs_waiting = [job for job, _ in active.values()]
@@ -225,6 +236,7 @@ class Pipeline:
                         self._submit(job, active)
                         continue
                     job.error = _reason(err)
+                    self.tracker.done(job.name)
                     self.tracker.line(f"{job.name:<16} failed: {job.error}")
                     self._stop(job)
                     self._write()
@@ -243,11 +255,26 @@ class Pipeline:
                     self._write()
                 if job.finished:
                     self._stop(job)
+                    self.tracker.done(job.name)
+                    self._finished(job)
                 else:
                     self._submit(job, active)
         finally:
             for job in jobs:
                 self._stop(job)
+
+    def _finished(self, job: Job) -> None:
+        """TensorBoard: the model's hyperparameters with its final numbers, and its test confusion
+        matrix (a specialist's over its own classes and the dustbin)."""
+        self.tracker.finished(job.name, model_hparams(self.cfg, job.name, job.role), job.summary)
+        matrix = job.summary.get("test_confusion")
+        if matrix:
+            labels = list(self.splits.classes)
+            if job.role == "specialist":
+                members = self.subsets["subsets"][int(job.name.rsplit("-", 1)[1])]
+                labels = [labels[c] for c in members] + ["dustbin"]
+            self.tracker.image(job.name, "confusion/test",
+                               figures.confusion(matrix, labels, job.name), job.epoch)
 
     def _scaling(self, job: Job) -> bool:
         """Whether `job` waits for a node the autoscaler has yet to add."""
@@ -304,7 +331,7 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
     the results of all the others)."""
     pipe = Pipeline(cfg, run, splits, tracker)
     started = time.perf_counter()
-    with ray_session(address, pipe.namespace):
+    with ray_session(address, pipe.namespace) as dashboard:
         pipe.timings["ray start"] = time.perf_counter() - started
         requests = {f"generalist-{i}": cfg.generalists.resources
                     for i in range(cfg.generalists.count)}
@@ -314,7 +341,8 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         total = ray.cluster_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
-                     f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU")
+                     f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
+                     + (f"; dashboard http://{dashboard}" if dashboard else ""))
         pipe.scaling = check_resources(requests, cfg.autoscaler.node_types)
         if cfg.data.stream:
             from ensemble.streaming import open_stream
@@ -322,13 +350,19 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
             pipe.stream = open_stream(cfg.data.stream)
         if not resume:
             run.create(cfg)
+            tracker.text("run", "config", "    " + run.config_path.read_text().replace(
+                "\n", "\n    "))  # indented: TensorBoard shows it as code
         with pipe.timed("data placement"):
             data_ref = ray.put(splits)
         pipe.execute(data_ref)
     pipe.timings["total"] = time.perf_counter() - started
     results = pipe.results()
-    run.write_metrics(results)
+    run.write_metrics(results, pipe.timings)
     tracker.timings(pipe.timings)
+    grid = temperature_grid(cfg, results)
+    if grid:
+        tracker.image("run", "students/temperature_x_width", figures.temperature_grid(
+            {key: cell[1] for key, cell in grid.items()}, "validation errors"))
     tracker.line("\n" + run.write_summary(cfg.name, results, pipe.subsets, pipe.ensemble,
                                           pipe.timings))
     failed = [f"{name} ({m['error']})" for name, m in results.items() if m["error"]]
@@ -336,6 +370,27 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         raise TrainingError(f"{len(failed)} model(s) failed: {'; '.join(failed)}; the others' "
                             f"results are in {run.location}")
     return results
+
+
+def model_hparams(cfg: RunConfig, name: str, role: str) -> dict:
+    """What TensorBoard's HParams view shows of one model: its layers and training recipe."""
+    model, train, extra = cfg.generalists.model, cfg.generalists.train, {}
+    if role == "specialist":
+        train, extra = cfg.specialists.train, {"fraction": cfg.specialists.fraction}
+    elif role == "student":
+        student = cfg.students[name[len("student-"):]]
+        model, train = student.model, student.train
+        extra = {"temperature": student.temperature, "alpha": student.alpha,
+                 "soft_targets": student.soft_targets if student.uses_teacher else "none",
+                 "transfer": ("without " + ",".join(map(str, student.drop_classes))
+                              if student.drop_classes else
+                              "only " + ",".join(map(str, student.keep_classes))
+                              if student.keep_classes else "all")}
+    return {"role": role, "hidden": "x".join(map(str, model.hidden)), "kind": model.kind,
+            "dropout_in": model.dropout_in, "dropout_hidden": model.dropout_hidden,
+            "max_norm": model.max_norm, "epochs": train.epochs, "batch_size": train.batch_size,
+            "lr": train.lr, "schedule": train.schedule, "jitter": train.jitter,
+            "precision": train.precision, **extra}
 
 
 def _reason(err: RayError) -> str:

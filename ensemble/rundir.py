@@ -2,7 +2,8 @@
 
     RUN/config.yaml                    the resolved config (what --resume reads back)
     RUN/checkpoints/<model>/epoch-NNNN.safetensors   the last two per model
-    RUN/metrics.json                   per model: status, summary, every epoch's metrics
+    RUN/metrics.json                   per model: status, summary, every epoch's metrics; the
+                                       last session's time breakdown
     RUN/summary.md                     one row per model
     RUN/tb/<model>/                    TensorBoard scalars (ensemble.tracking)
 
@@ -150,9 +151,10 @@ class RunDir:
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
     # ------------------------------------------------------------ results ------------------------
-    def write_metrics(self, models: dict[str, dict]) -> None:
-        checkpoint.write_atomic(self.path / "metrics.json",
-                                json.dumps({"models": models}, indent=1).encode())
+    def write_metrics(self, models: dict[str, dict], timings: dict | None = None) -> None:
+        """metrics.json: every model's results; at the end of a session also its time breakdown."""
+        data = {"models": models, **({"timings": timings} if timings else {})}
+        checkpoint.write_atomic(self.path / "metrics.json", json.dumps(data, indent=1).encode())
 
     def read_json(self, name: str) -> dict | None:
         path = self.path / name

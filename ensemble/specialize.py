@@ -14,7 +14,8 @@ from ensemble.config import ModelConfig, SpecialistsConfig, parse
 from ensemble.data import Splits, labels_to_device, to_device
 from ensemble.distill import Teacher
 from ensemble.errors import TrainingError
-from ensemble.train import EVAL_BATCH, Trainer, model_from_checkpoint, pick_device
+from ensemble.train import EVAL_BATCH, Trainer, confusion_matrix, model_from_checkpoint, \
+    pick_device
 from specialists.clustering import affinity, assign_subsets, pair_agreement, prediction_covariance
 from specialists.combine import active_specialists, combine, spread
 from specialists.specialist import (SpecialistNet, draw_batch, dustbin_offset, local_labels,
@@ -157,6 +158,9 @@ def evaluate_ensemble(generalists: list[bytes], specialists: list[bytes],
         out[part] = {"generalist_errors": int((~right_g).sum()),
                      "ensemble_errors": int((~right_q).sum()),
                      "mean_active": float(active.float().sum(1).mean()) if len(y) else 0.0}
+        if part == "test":
+            out[part]["generalist_confusion"] = confusion_matrix(y, pg.argmax(1), ens.classes)
+            out[part]["ensemble_confusion"] = confusion_matrix(y, q.argmax(1), ens.classes)
         if part == "test":
             cover = torch.zeros(len(y), dtype=torch.long, device=dev)
             for m in ens.members:

@@ -1,5 +1,13 @@
-"""What a person watches: TensorBoard scalars under RUN/tb/<model>/ and one progress line per
-model and epoch on the terminal."""
+"""What a person watches: TensorBoard under RUN/tb/ and the progress on the terminal.
+
+TensorBoard: scalars per model and epoch (RUN/tb/<model>/), each finished model's
+hyperparameters with its final errors (the HParams view) and its test confusion matrix, and under
+RUN/tb/run/ the run's config as text, its time breakdown, and the coordinator's figures.
+
+Terminal: on a TTY one live line per model in training (epoch, loss, errors, samples/s, ETA),
+redrawn in place, each moving up into the log once its model is done; otherwise (a pipe, a file,
+CI) the same text as one plain line per model and epoch.
+"""
 from __future__ import annotations
 
 import sys
@@ -10,13 +18,80 @@ SCALARS = {  # TensorBoard tag -> key of an epoch record
     "train/loss": "loss", "train/lr": "lr", "train/samples_per_s": "samples_per_s",
     "val/errors": "val_errors", "test/errors": "test_errors",
 }
+FINAL = {"hparams/val_errors": "val_errors", "hparams/test_errors": "test_errors",
+         "hparams/parameters": "parameters", "hparams/wall_seconds": "wall_seconds"}
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def epoch_text(model: str, epochs: int, record: dict) -> str:
+    left = record["seconds"] * (epochs - record["epoch"])
+    return (f"{model:<16} epoch {record['epoch']:>3}/{epochs:<3} loss {record['loss']:8.4f}"
+            f"  val {record['val_errors']:>5} err  test {record['test_errors']:>5} err"
+            f"  {record['samples_per_s']:>8,.0f} samples/s  ETA {clock(left)}")
 
 
 class Tracker:
-    def __init__(self, tb_dir: Path, out: TextIO | None = None):  # None: sys.stdout when printing
-        self.tb_dir, self.out = Path(tb_dir), out
+    def __init__(self, tb_dir: Path, out: TextIO | None = None, live: bool | None = None):
+        """`out`: where progress goes (None: sys.stdout at the time of printing); `live`: redraw
+        one line per model in place (None: when `out` is a terminal)."""
+        self.tb_dir, self.out, self._live = Path(tb_dir), out, live
         self.writers = {}
+        self.rows: dict[str, str] = {}  # model in training -> its live line
+        self.drawn = 0  # lines of the live block now on the screen
 
+    # ------------------------------------------------------------ terminal -----------------------
+    @property
+    def stream(self) -> TextIO:
+        return self.out or sys.stdout
+
+    @property
+    def live(self) -> bool:
+        if self._live is None:
+            isatty = getattr(self.stream, "isatty", None)
+            return bool(isatty and isatty())
+        return self._live
+
+    def line(self, text: str) -> None:
+        """A lasting line of the log (above the live block on a terminal)."""
+        if self.live:
+            self._erase()
+            self.stream.write(text + "\n")
+            self._draw()
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def started(self, model: str, epoch: int, epochs: int) -> None:
+        if self.live:
+            self.rows[model] = f"{model:<16} epoch {epoch + 1:>3}/{epochs:<3} starting"
+            self._redraw()
+
+    def done(self, model: str) -> None:
+        """`model` stopped (finished or failed): its last line leaves the live block for the log."""
+        text = self.rows.pop(model, None)
+        if self.live and text is not None:
+            self.line(text)
+
+    def _erase(self) -> None:
+        if self.drawn:
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")  # up to the block's start, clear below
+            self.drawn = 0
+
+    def _draw(self) -> None:
+        for text in self.rows.values():
+            self.stream.write(f"{text}\n")
+        self.drawn = len(self.rows)
+        self.stream.flush()
+
+    def _redraw(self) -> None:
+        self._erase()
+        self._draw()
+
+    # ------------------------------------------------------------ TensorBoard --------------------
     def _writer(self, model: str):
         if model not in self.writers:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
@@ -28,9 +103,41 @@ class Tracker:
         for tag, key in SCALARS.items():
             writer.add_scalar(tag, record[key], record["epoch"])
         writer.flush()
-        self.line(f"{model:<16} epoch {record['epoch']:>3}/{epochs:<3} loss {record['loss']:8.4f}"
-                  f"  val {record['val_errors']:>5} err  test {record['test_errors']:>5} err"
-                  f"  {record['samples_per_s']:>8,.0f} samples/s")
+        text = epoch_text(model, epochs, record)
+        if self.live:
+            self.rows[model] = text
+            self._redraw()
+        else:
+            self.line(text)
+
+    def finished(self, model: str, hparams: dict, summary: dict) -> None:
+        """A finished model's hyperparameters and final numbers, for TensorBoard's HParams view
+        (one session per model: RUN/tb/<model>)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        final = {tag: summary[key] for tag, key in FINAL.items() if summary.get(key) is not None}
+        writer = self._writer(model)
+        for part in hparams_summary(hparams, final):
+            writer._get_file_writer().add_summary(part)
+        for tag, value in final.items():
+            writer.add_scalar(tag, value, summary.get("epochs", 0))
+        writer.flush()
+
+    def text(self, model: str, tag: str, markdown: str) -> None:
+        writer = self._writer(model)
+        writer.add_text(tag, markdown)
+        writer.flush()
+
+    def image(self, model: str, tag: str, png: bytes, step: int = 0) -> None:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        writer = self._writer(model)
+        writer.add_image(tag, pixels, step, dataformats="HWC")
+        writer.flush()
 
     def timings(self, seconds: dict[str, float]) -> None:
         """The run's time breakdown as scalars time/<phase> under RUN/tb/run/."""
@@ -39,10 +146,11 @@ class Tracker:
             writer.add_scalar(f"time/{phase.replace(' ', '_')}", value, 0)
         writer.flush()
 
-    def line(self, text: str) -> None:
-        print(text, file=self.out or sys.stdout, flush=True)
-
     def close(self) -> None:
+        if self.live:
+            self._erase()
+            for model in list(self.rows):
+                self.done(model)
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()

@@ -60,6 +60,12 @@ def count_errors(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return int((predict_logits(model, x).argmax(1) != y).sum())
 
 
+def confusion_matrix(y: torch.Tensor, predicted: torch.Tensor, classes: int) -> list[list[int]]:
+    """Counts [true class][predicted class] of labels y and predictions, both (N,)."""
+    counts = torch.bincount(y * classes + predicted, minlength=classes * classes)
+    return counts.view(classes, classes).tolist()
+
+
 class Trainer:
     """Trains one named model on `data` and reports each epoch's metrics.
 
@@ -96,6 +102,7 @@ class Trainer:
         self.history: list[dict] = []
         self.best_epoch, self.best_val_errors = 0, None
         self.best_state = self._state_copy()
+        self.best_confusion: list[list[int]] | None = None  # on test, at the best epoch
 
     # ------------------------------------------------------------ what subclasses change ---------
     def make_model(self, data: Splits) -> nn.Module:
@@ -162,11 +169,14 @@ class Trainer:
                                 "lower the learning rate")
         with self.autocast():
             val_errors = count_errors(model, *self.val)
-            test_errors = count_errors(model, *self.test)  # reported, never used to choose
+            test_x, test_y = self.test  # reported, never used to choose
+            test_pred = predict_logits(model, test_x).argmax(1) if len(test_x) else test_y
+            test_errors = int((test_pred != test_y).sum())
         if self.best_val_errors is None or len(self.val[0]) == 0 or \
                 val_errors < self.best_val_errors:
             self.best_epoch, self.best_val_errors = self.epoch, val_errors
             self.best_state = self._state_copy()
+            self.best_confusion = confusion_matrix(test_y, test_pred, self.classes)
         record = {
             "epoch": self.epoch, "loss": mean_loss, "lr": lr,
             "val_errors": val_errors, "test_errors": test_errors,
@@ -215,7 +225,8 @@ class Trainer:
         return {"name": self.name, "parameters": count_parameters(self.model),
                 "epochs": self.epoch, "best_epoch": self.best_epoch,
                 "val_errors": best.get("val_errors"), "test_errors": best.get("test_errors"),
-                "wall_seconds": sum(r["seconds"] for r in self.history)}
+                "wall_seconds": sum(r["seconds"] for r in self.history),
+                "test_confusion": self.best_confusion}
 
     # ------------------------------------------------------------ checkpoints --------------------
     def checkpoint(self) -> bytes:
@@ -263,6 +274,7 @@ class Trainer:
             self.rng_cuda = tensors["rng.cuda"]
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.best_epoch, self.best_val_errors = meta["best_epoch"], meta["best_val_errors"]
+        self.best_confusion = meta.get("summary", {}).get("test_confusion")
 
     def best_model(self) -> nn.Module:
         """The model with its best-on-validation weights loaded (a copy; training is untouched)."""

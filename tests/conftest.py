@@ -51,6 +51,49 @@ def ray_session():
     shutil.rmtree(temp, ignore_errors=True)
 
 
+SPECIALISTS = """
+name: tiny-specialists
+data: {val_size: 100, download: false}
+generalists:
+  count: 1
+  model: {hidden: [32, 32], dropout_in: 0.0, dropout_hidden: 0.1}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+specialists:
+  k: 3
+  train: {epochs: 1, batch_size: 50, lr: 0.1, jitter: 0}
+students:
+  all:
+    model: {hidden: [16]}
+    train: {epochs: 1, batch_size: 50, lr: 0.3}
+    temperature: 2.0
+    soft_targets: ensemble
+  all-T4:               # the same but for T: with 'all', a temperature x width grid
+    model: {hidden: [16]}
+    train: {epochs: 1, batch_size: 50, lr: 0.3}
+    temperature: 4.0
+    soft_targets: ensemble
+"""
+
+
+@pytest.fixture(scope="session")
+def specialists_run(ray_session, data_root, tmp_path_factory):
+    """`ensemble run` of every stage (generalist, coordinator, specialists, students) on the tiny
+    data: (the run directory, what it printed). Tests may add files to it, not change it."""
+    import contextlib
+    import io
+
+    from ensemble.cli import main
+
+    tmp = tmp_path_factory.mktemp("specialists")
+    config = tmp / "spec.yaml"
+    config.write_text(SPECIALISTS)
+    run = tmp / "run"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+    return run, out.getvalue()
+
+
 # ---------------------------------------------------------------- the reliability report ---------
 # `ENSEMBLE_RELIABILITY=results/reliability.md pytest` writes the README's reliability figures
 # from this test run's own outcomes.

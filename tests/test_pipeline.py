@@ -110,30 +110,8 @@ def test_unsatisfiable_request_fails_at_once(ray_session, data_root, tmp_path, c
     assert not run.exists()
 
 
-SPECIALISTS = """
-name: tiny-specialists
-data: {val_size: 100, download: false}
-generalists:
-  count: 1
-  model: {hidden: [32, 32], dropout_in: 0.0, dropout_hidden: 0.1}
-  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
-specialists:
-  k: 3
-  train: {epochs: 1, batch_size: 50, lr: 0.1, jitter: 0}
-students:
-  all:
-    model: {hidden: [16]}
-    train: {epochs: 1, batch_size: 50, lr: 0.3}
-    temperature: 2.0
-    soft_targets: ensemble
-"""
-
-
-def test_specialists_stage_end_to_end(ray_session, data_root, tmp_path, capsys):
-    config = tmp_path / "spec.yaml"
-    config.write_text(SPECIALISTS)
-    run = tmp_path / "run"
-    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+def test_specialists_stage_end_to_end(specialists_run, data_root, capsys):
+    run, out = specialists_run
     subsets = json.loads((run / "subsets.json").read_text())
     assert subsets["subsets"] and len(subsets["names"]) == len(subsets["subsets"])
     ensemble = json.loads((run / "ensemble.json").read_text())
@@ -144,7 +122,6 @@ def test_specialists_stage_end_to_end(ray_session, data_root, tmp_path, capsys):
     assert all(metrics[n]["status"] == "finished" for n in metrics)
     summary = (run / "summary.md").read_text()
     assert "## Specialists" in summary and "Table 4" in summary
-    out = capsys.readouterr().out
     assert "specialist-0" in out and "with specialists" in out
     # resuming keeps the subsets and every finished model
     before = (run / "subsets.json").read_bytes()

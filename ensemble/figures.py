@@ -1,0 +1,116 @@
+"""The run's figures as PNG bytes (matplotlib, no display): TensorBoard and `ensemble report`
+draw the same ones.
+
+Each function takes plain numbers (what metrics.json, subsets.json and ensemble.json hold) and
+returns one PNG; nothing here reads files or knows about Ray.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+ANNOTATE_UP_TO = 12  # classes: above this a matrix's cells are too small to print numbers in
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # slow import, and no pyplot state: safe anywhere
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _png(fig) -> bytes:
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    return out.getvalue()
+
+
+def _matrix(ax, matrix, labels: Sequence[str], cmap: str, fmt, norm=None):
+    import numpy as np
+
+    values = np.asarray(matrix, dtype=float)
+    image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=90 if len(labels) > 4 else 0)
+    ax.set_yticks(ticks, labels)
+    if len(labels) <= ANNOTATE_UP_TO:
+        high = np.nanmax(values) if values.size else 0
+        for (i, j), v in np.ndenumerate(values):
+            if fmt(v):
+                ax.text(j, i, fmt(v), ha="center", va="center", fontsize=7,
+                        color="white" if v > 0.6 * high else "black")
+    return image
+
+
+def covariance(matrix: Sequence[Sequence[float]], labels: Sequence[str], title: str) -> bytes:
+    """The covariance of the generalists' predicted probabilities, class by class."""
+    fig = _figure(5.5, 4.8)
+    ax = fig.add_subplot()
+    limit = max((abs(v) for row in matrix for v in row), default=1.0) or 1.0
+    image = _matrix(ax, matrix, labels, "RdBu_r", lambda v: "", None)
+    image.set_clim(-limit, limit)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    ax.set_title(title, fontsize=10)
+    return _png(fig)
+
+
+def subsets(members: Sequence[Sequence[int]], labels: Sequence[str]) -> bytes:
+    """Which classes each specialist covers: one row per specialist, one column per class."""
+    fig = _figure(max(4.0, 0.45 * len(labels) + 1.5), 0.45 * len(members) + 1.6)
+    ax = fig.add_subplot()
+    grid = [[1.0 if c in set(m) else 0.0 for c in range(len(labels))] for m in members]
+    ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.4, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 4 else 0)
+    ax.set_yticks(range(len(members)), [f"specialist-{i}" for i in range(len(members))])
+    ax.set_title("Class subsets found (no labels used)", fontsize=10)
+    return _png(fig)
+
+
+def confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str) -> bytes:
+    """Test confusion counts: true class by row, predicted class by column (log colour scale)."""
+    from matplotlib.colors import LogNorm
+
+    fig = _figure(5.2, 4.6)
+    ax = fig.add_subplot()
+    most = max((v for row in matrix for v in row), default=1)
+    _matrix(ax, [[v or float("nan") for v in row] for row in matrix], labels, "viridis",
+            lambda v: "" if v != v else f"{v:.0f}", LogNorm(1, max(2, most)))
+    errors = sum(v for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: {errors:,} test errors", fontsize=10)
+    return _png(fig)
+
+
+def curves(histories: dict[str, list[dict]]) -> bytes:
+    """Validation errors and training loss per epoch, one line per model."""
+    from matplotlib.ticker import NullFormatter
+
+    columns = 1 + len(histories) // 16  # the legend sits beside the plots
+    fig = _figure(8.0 + 1.6 * columns, 3.6)
+    errors_ax, loss_ax = fig.subplots(1, 2)
+    for name, history in histories.items():
+        epochs = [r["epoch"] for r in history]
+        errors_ax.plot(epochs, [r["val_errors"] for r in history], marker=".", label=name)
+        loss_ax.plot(epochs, [r["loss"] for r in history], marker=".", label=name)
+    errors_ax.set(xlabel="epoch", ylabel="validation errors", yscale="log")
+    loss_ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    for ax in (errors_ax, loss_ax):
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    fig.legend(*errors_ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7,
+               ncols=columns)
+    return _png(fig)
+
+
+def temperature_grid(cells: dict[tuple[int, float], int], what: str) -> bytes:
+    """Errors against temperature, one line per student width (the paper's T x width study)."""
+    fig = _figure(5.5, 3.8)
+    ax = fig.add_subplot()
+    for width in sorted({w for w, _ in cells}):
+        temps = sorted(t for w, t in cells if w == width)
+        ax.plot(temps, [cells[(width, t)] for t in temps], marker="o", label=f"{width} units")
+    ax.set(xscale="log", xlabel="temperature T", ylabel=what)
+    ax.set_xticks(sorted({t for _, t in cells}), [f"{t:g}" for t in sorted({t for _, t in cells})])
+    ax.minorticks_off()
+    ax.legend(fontsize=8)
+    ax.set_title("Students: temperature x width", fontsize=10)
+    return _png(fig)
