@@ -25,19 +25,21 @@ def _png(fig) -> bytes:
 
 
 def _matrix(ax, matrix, labels: Sequence[str], cmap: str, fmt, norm=None):
+    """`matrix` as an image with class ticks; cells numbered (`fmt`) when there are few."""
     import numpy as np
+    from matplotlib.colors import Normalize
 
     values = np.asarray(matrix, dtype=float)
+    norm = norm or Normalize(np.nanmin(values), np.nanmax(values))
     image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
     ticks = range(len(labels))
     ax.set_xticks(ticks, labels, rotation=90 if len(labels) > 4 else 0)
     ax.set_yticks(ticks, labels)
     if len(labels) <= ANNOTATE_UP_TO:
-        high = np.nanmax(values) if values.size else 0
         for (i, j), v in np.ndenumerate(values):
-            if fmt(v):
+            if fmt(v):  # light text on the dark end of the colour map
                 ax.text(j, i, fmt(v), ha="center", va="center", fontsize=7,
-                        color="white" if v > 0.6 * high else "black")
+                        color="white" if norm(v) < 0.55 else "black")
     return image
 
 
@@ -83,7 +85,7 @@ def confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str
 
 def curves(histories: dict[str, list[dict]]) -> bytes:
     """Validation errors and training loss per epoch, one line per model."""
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     columns = 1 + len(histories) // 16  # the legend sits beside the plots
     fig = _figure(8.0 + 1.6 * columns, 3.6)
@@ -94,7 +96,9 @@ def curves(histories: dict[str, list[dict]]) -> bytes:
         loss_ax.plot(epochs, [r["loss"] for r in history], marker=".", label=name)
     errors_ax.set(xlabel="epoch", ylabel="validation errors", yscale="log")
     loss_ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    for ax in (errors_ax, loss_ax):
+    for ax in (errors_ax, loss_ax):  # 1-2-5 steps, plain numbers: log axes with few decades
+        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     fig.legend(*errors_ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7,
                ncols=columns)

@@ -168,7 +168,7 @@ STYLE = """body{font:15px/1.5 system-ui,sans-serif;max-width:1000px;margin:2em a
 color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px}
 th{background:#f4f4f4}td{text-align:right}td:first-child{text-align:left}img{max-width:100%;
 display:block;margin:1em 0}pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:13px}
-h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}"""
+img[alt^="Confusion"]{display:inline-block;width:49%;margin:0.5em 0}h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2em;border-bottom:1px solid #ddd}"""
 
 
 def _inline(text: str) -> str:

@@ -56,6 +56,12 @@ def listening(procs):
     return out
 
 
+def default_sigint():
+    """As in a terminal: a test run started in the background (`pytest &`) inherits SIGINT
+    ignored, and Python keeps an inherited SIG_IGN, so Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for(path: Path, proc: subprocess.Popen, limit: float = 180):
     deadline = time.time() + limit
     while not path.exists():
@@ -74,7 +80,8 @@ def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch
     driver = subprocess.Popen(
         [sys.executable, "-m", "ensemble.cli", "run", str(config), "--data-dir", str(data),
          "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "TMPDIR": str(scratch)}, start_new_session=True)
+        env={**os.environ, "TMPDIR": str(scratch)}, start_new_session=True,
+        preexec_fn=default_sigint)
     try:
         wait_for(run / "checkpoints" / "generalist-0" / "epoch-0001.safetensors", driver)
         started = psutil.Process(driver.pid).children(recursive=True)
