@@ -138,12 +138,8 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         """Train one epoch, evaluate, track the best model; return the epoch's metrics."""
-        cfg, model, opt = self.cfg, self.model, self.opt
-        lr = learning_rate(cfg, self.epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        self._restore_rng()
-        model.train()
+        lr = self.begin_epoch()
+        model, opt = self.model, self.opt
         n = 0
         total = torch.zeros((), device=self.device)
         start = time.perf_counter()
@@ -158,6 +154,22 @@ class Trainer:
             size = self.batch_size_of(idx)
             total += loss.detach() * size
             n += size
+        return self.end_epoch(lr, total, n, start)
+
+    def begin_epoch(self) -> float:
+        """Set the epoch's learning rate and this trainer's RNG state; return the rate."""
+        lr = learning_rate(self.cfg, self.epoch)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self._restore_rng()
+        self.model.train()
+        return lr
+
+    def end_epoch(self, lr: float, total: torch.Tensor, n: int, start: float,
+                  predicted: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """After an epoch's steps (`total`: summed loss over its `n` examples, training since
+        `start`): evaluate, track the best model, and return the epoch's metrics. `predicted`:
+        the classes the model now predicts on validation and test, if already known."""
         if n == 0:
             raise TrainingError(f"{self.name} got no training examples in epoch {self.epoch + 1}")
         mean_loss = float(total) / n  # the epoch's one host sync
@@ -167,11 +179,15 @@ class Trainer:
         if not math.isfinite(mean_loss):
             raise TrainingError(f"{self.name}: the loss became {mean_loss} in epoch {self.epoch}; "
                                 "lower the learning rate")
-        with self.autocast():
-            val_errors = count_errors(model, *self.val)
-            test_x, test_y = self.test  # reported, never used to choose
-            test_pred = predict_logits(model, test_x).argmax(1) if len(test_x) else test_y
-            test_errors = int((test_pred != test_y).sum())
+        test_x, test_y = self.test  # reported, never used to choose
+        if predicted is None:
+            with self.autocast():
+                val_errors = count_errors(self.model, *self.val)
+                test_pred = predict_logits(self.model, test_x).argmax(1) if len(test_x) \
+                    else test_y
+        else:
+            val_errors, test_pred = int((predicted[0] != self.val[1]).sum()), predicted[1]
+        test_errors = int((test_pred != test_y).sum())
         if self.best_val_errors is None or len(self.val[0]) == 0 or \
                 val_errors < self.best_val_errors:
             self.best_epoch, self.best_val_errors = self.epoch, val_errors
@@ -194,6 +210,12 @@ class Trainer:
         restores `last`, the checkpoint written after `epoch - 1`, so a retried call continues
         exactly where the model stopped.
         """
+        self.ready_for(epoch, last)
+        record = self.train_epoch()
+        return record, self.checkpoint()
+
+    def ready_for(self, epoch: int, last: bytes | None) -> None:
+        """Be at `epoch - 1`, restoring `last` (the checkpoint of that epoch) if need be."""
         if self.epoch != epoch - 1:
             if last is None:
                 raise CheckpointError(f"{self.name} is at epoch {self.epoch} and was asked for "
@@ -202,8 +224,6 @@ class Trainer:
             if self.epoch != epoch - 1:
                 raise CheckpointError(f"{self.name}: the checkpoint to resume from is of epoch "
                                       f"{self.epoch}, not {epoch - 1}")
-        record = self.train_epoch()
-        return record, self.checkpoint()
 
     def _restore_rng(self) -> None:
         torch.set_rng_state(self.rng_cpu)

@@ -1,0 +1,99 @@
+"""Eight 300-unit students trained as one stacked model against the same eight one after the
+other, on the same cores, in one process (issue: many small models at once; target >= 2x).
+
+    python benchmarks/stacked.py [--data-dir ../shared/data] [--epochs 2] [--out results/stacked.md]
+
+The students are those of a temperature sweep: 784-300-300-10, no dropout, distilled (alpha 0.9)
+at T in {1, 2, 2.5, 3, 4, 6, 8, 20}, each with its own seed, on MNIST's 50,000 training images
+(10,000 held out for validation). Their teacher is a 2x1200 generalist trained for one epoch
+here: its quality does not change what a student's step costs. Both ways time only the epochs
+(each includes every member's evaluation on validation and test), not building the students.
+The per-member results of the two ways are compared: weights and validation errors.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from ensemble.config import DataConfig, ModelConfig, StudentConfig, TrainConfig
+from ensemble.data import load_splits
+from ensemble.distill import Student
+from ensemble.stacked import StackedStudents
+from ensemble.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPERATURES = (1.0, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 20.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "results" / "stacked.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    splits = load_splits(DataConfig(name="mnist", val_size=10000, download=False), args.data_dir)
+    teacher = Trainer("generalist-0", ModelConfig(hidden=(1200, 1200)),
+                      TrainConfig(epochs=1, lr=0.1, schedule="constant"), splits, 0, args.threads)
+    teacher.run_epoch(1)
+    blobs = [teacher.checkpoint()]
+    train = TrainConfig(epochs=args.epochs, batch_size=100, lr=0.02, schedule="cosine")
+    model = ModelConfig(hidden=(300, 300), dropout_in=0.0, dropout_hidden=0.0, max_norm=0.0)
+    cfgs = [StudentConfig(model=model, train=train, temperature=t, alpha=0.9)
+            for t in TEMPERATURES]
+    names = [f"student-w300-T{t:g}" for t in TEMPERATURES]
+    seeds = [1000 + i for i in range(len(cfgs))]
+
+    one_by_one, alone_seconds = [], 0.0
+    for name, cfg, seed in zip(names, cfgs, seeds):
+        student = Student(name, cfg, splits, blobs, seed, args.threads)
+        start = time.perf_counter()
+        for _ in range(args.epochs):
+            student.train_epoch()
+        alone_seconds += time.perf_counter() - start
+        one_by_one.append(student)
+
+    stacked = StackedStudents(names, cfgs, splits, blobs, seeds, args.threads)
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        stacked.train_epoch()
+    stacked_seconds = time.perf_counter() - start
+
+    rows, worst = [], 0.0
+    for a, b in zip(stacked.members, one_by_one):
+        diff = max(float((p - q).detach().abs().max()) for p, q in zip(a.model.parameters(),
+                                                              b.model.parameters()))
+        worst = max(worst, diff)
+        rows.append(f"| {a.name} | {b.history[-1]['val_errors']} | {a.history[-1]['val_errors']} "
+                    f"| {diff:.1e} |")
+    ratio = alone_seconds / stacked_seconds
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    samples = len(splits.train_y) * args.epochs * len(cfgs)
+    text = "\n".join([
+        "# Stacked students", "",
+        f"`python benchmarks/stacked.py --epochs {args.epochs} --threads {args.threads}`; "
+        f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}, git commit {commit}.", "",
+        f"8 students 784-300-300-10 (T = {', '.join(f'{t:g}' for t in TEMPERATURES)}), "
+        f"{len(splits.train_y):,} MNIST training images, batch 100, {args.epochs} epochs each, "
+        "evaluation included.", "",
+        "| way | seconds | samples/s (all students) |", "|---|---:|---:|",
+        f"| one after the other | {alone_seconds:.1f} | {samples / alone_seconds:,.0f} |",
+        f"| stacked (one model) | {stacked_seconds:.1f} | {samples / stacked_seconds:,.0f} |", "",
+        f"stacked_vs_one_by_one: {ratio:.2f} (target >= 2)", "",
+        "Per student after the last epoch (validation errors of 10,000):", "",
+        "| student | one by one | stacked | max weight difference |", "|---|---:|---:|---:|",
+        *rows, "", f"max_weight_difference: {worst:.1e}", ""])
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
