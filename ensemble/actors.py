@@ -12,6 +12,7 @@ from ensemble.config import NodeType, ResourcesConfig
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
+from ensemble.stacked import StackedStudents
 from ensemble.streaming import StreamTrainer
 from ensemble.train import Trainer
 
@@ -36,20 +37,23 @@ class Metered:
 
             self._gauges = {key: Gauge(name, description=about, tag_keys=("model", "role"))
                             for name, (key, about) in METRICS.items()}
-        tags = {"model": self.name, "role": self.role}
-        for key, gauge in self._gauges.items():
-            gauge.set(float(record[key]), tags=tags)
+        stack = getattr(self, "members", None)  # a stack reports each member
+        for name, one in zip([m.name for m in stack] if stack else [self.name],
+                             record if stack else [record]):
+            for key, gauge in self._gauges.items():
+                gauge.set(float(one[key]), tags={"model": name, "role": self.role})
         return record, blob
 
 
 def _remote(cls, role: str):
     """`cls` as a Ray actor class that also publishes its epochs as metrics."""
-    return ray.remote(type(cls.__name__, (Metered, cls), {"role": role.split()[-1]}))
+    return ray.remote(type(cls.__name__, (Metered, cls), {"role": "student" if role == "stack"
+                                                          else role.split()[-1]}))
 
 
 REMOTE = {role: _remote(cls, role) for role, cls in (
     ("generalist", Trainer), ("specialist", SpecialistTrainer), ("student", Student),
-    ("streamed generalist", StreamTrainer))}
+    ("streamed generalist", StreamTrainer), ("stack", StackedStudents))}
 TASKS = {"coordinate": ray.remote(coordinate), "evaluate_ensemble": ray.remote(evaluate_ensemble)}
 
 

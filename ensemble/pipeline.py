@@ -25,6 +25,7 @@ from ensemble.config import ResourcesConfig, RunConfig
 from ensemble.data import Splits
 from ensemble.errors import ConfigError, TrainingError
 from ensemble.report import temperature_grid
+from ensemble.stacked import why_not_stackable
 from ensemble.rundir import RunDir
 from ensemble.tracking import Tracker
 
@@ -52,6 +53,7 @@ class Job:
     placement: dict | None = None  # node and GPU ids of its actor, as it last reported them
     remote: str = ""  # which trainer its actor runs (ensemble.actors.REMOTE), if not its role's
     placement_ref: object = None
+    members: list = field(default_factory=list)  # a stack: the student jobs it trains at once
 
     @property
     def finished(self) -> bool:
@@ -130,6 +132,7 @@ class Pipeline:
         specialist_ref = None
         if cfg.specialists.k > 0:
             specialist_ref = self._specialists(teacher_ref, data_ref) if complete else None
+        students = []
         for k, (name, scfg) in enumerate(cfg.students.items()):
             why = None
             if scfg.uses_teacher and not complete:
@@ -141,14 +144,49 @@ class Pipeline:
                                                    scfg.resources, scfg.train.epochs,
                                                    error=f"not trained: {why}")
                 continue
-            self._job(f"student-{name}", "student", scfg.resources, scfg.train.epochs,
-                      (f"student-{name}", scfg, data_ref, teacher_ref if scfg.uses_teacher else [],
-                       cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device,
-                       specialist_ref if scfg.soft_targets == "ensemble" else [],
-                       cfg.specialists))
+            students.append(self._job(
+                f"student-{name}", "student", scfg.resources, scfg.train.epochs,
+                (f"student-{name}", scfg, data_ref, teacher_ref if scfg.uses_teacher else [],
+                 cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device,
+                 specialist_ref if scfg.soft_targets == "ensemble" else [], cfg.specialists)))
+        if cfg.stack_students:
+            students = self._stacks(students, data_ref, teacher_ref, specialist_ref)
         with self.timed("students"):
-            self._train([j for j in self.jobs.values() if j.role == "student" and not j.error])
+            self._train(students)
         return self.jobs
+
+    def _stacks(self, students: list[Job], data_ref, teacher_ref, specialist_ref) -> list[Job]:
+        """Students that can train as one stacked model (ensemble.stacked), grouped into one job
+        per group of two or more; the others stay alone. Members left at different epochs by an
+        interrupted run train alone."""
+        cfg, groups = self.cfg, []
+        for job in students:
+            scfg = cfg.students[job.name[len("student-"):]]
+            for group in groups:
+                first = cfg.students[group[0].name[len("student-"):]]
+                if why_not_stackable([first, scfg]) is None and first.resources == scfg.resources \
+                        and group[0].epoch == job.epoch:
+                    group.append(job)
+                    break
+            else:
+                groups.append([job])
+        out = []
+        for group in groups:
+            if len(group) == 1 or all(j.finished for j in group):
+                out += group
+                continue
+            names = [j.name for j in group]
+            cfgs = [cfg.students[n[len("student-"):]] for n in names]
+            seeds = [j.args[4] for j in group]
+            first = cfgs[0]
+            stack = Job(f"stack-{len([o for o in out if o.members])}", "stack",
+                        (names, cfgs, data_ref, teacher_ref, seeds, first.resources.threads,
+                         cfg.device, specialist_ref if first.soft_targets == "ensemble" else [],
+                         cfg.specialists), first.resources, first.train.epochs, group[0].epoch,
+                        [j.blob for j in group], members=group)
+            self.tracker.line(f"{stack.name:<16} trains {', '.join(names)} as one model")
+            out.append(stack)
+        return out
 
     def _specialists(self, teacher_ref, data_ref):
         """The coordinator, then one specialist per subset in parallel, then eq. 5 on val and
@@ -212,7 +250,8 @@ class Pipeline:
                     continue
                 job.actor = start_actor(job.remote or job.role, job.name, self.namespace, job.resources,
                                         *job.args)
-                self.tracker.started(job.name, job.epoch, job.epochs)
+                for member in job.members or [job]:
+                    self.tracker.started(member.name, job.epoch, job.epochs)
                 self._submit(job, active)
             while active:
                 jobs_waiting = [job for job, _ in active.values()]
@@ -236,32 +275,46 @@ class Pipeline:
                         self._submit(job, active)
                         continue
                     job.error = _reason(err)
-                    self.tracker.done(job.name)
+                    for failed in job.members or [job]:
+                        failed.error = job.error
+                        self.tracker.done(failed.name)
                     self.tracker.line(f"{job.name:<16} failed: {job.error}")
                     self._stop(job)
                     self._write()
                     continue
-                with self.timed("checkpoint writing"):
-                    checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
                 job.blob, job.unavailable = blob_ref, 0
                 with contextlib.suppress(RayError):  # lost in a restart: asked again next epoch
                     job.placement = ray.get(job.placement_ref)
-                job.epoch = record["epoch"]
                 self.placed.add(job.name)
-                job.history.append(record)
-                job.summary = checkpoint.read_meta(blob)["summary"]
-                self.tracker.epoch(job.name, job.epochs, record)
+                if job.members:  # a stack: a record and a checkpoint per member
+                    job.epoch = record[0]["epoch"]
+                    for member, rec, member_blob in zip(job.members, record, blob):
+                        member.placement = job.placement
+                        self._epoch_done(member, rec, member_blob)
+                else:
+                    self._epoch_done(job, record, blob)
+                    job.blob = blob_ref
                 with self.timed("checkpoint writing"):
                     self._write()
                 if job.finished:
                     self._stop(job)
-                    self.tracker.done(job.name)
-                    self._finished(job)
+                    for done in job.members or [job]:
+                        self.tracker.done(done.name)
+                        self._finished(done)
                 else:
                     self._submit(job, active)
         finally:
             for job in jobs:
                 self._stop(job)
+
+    def _epoch_done(self, job: Job, record: dict, blob: bytes) -> None:
+        """A model's epoch came back: its checkpoint saved, its metrics kept and shown."""
+        with self.timed("checkpoint writing"):
+            checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
+        job.epoch, job.blob = record["epoch"], blob
+        job.history.append(record)
+        job.summary = checkpoint.read_meta(blob)["summary"]
+        self.tracker.epoch(job.name, job.epochs, record)
 
     def _finished(self, job: Job) -> None:
         """TensorBoard: the model's hyperparameters with its final numbers, and its test confusion

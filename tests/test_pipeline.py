@@ -157,3 +157,48 @@ def test_run_dir_uri_end_to_end(ray_session, data_root, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", uri, *argv]) == 0
     assert "| student-distilled |" in capsys.readouterr().out
+
+
+STACKED = """
+name: tiny-stacked
+data: {val_size: 100, download: false}
+stack_students: true
+generalists:
+  count: 1
+  model: {hidden: [32, 32], dropout_in: 0.0, dropout_hidden: 0.1}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+x-sweep: &sweep
+  model: {hidden: [16, 16], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 2, batch_size: 50, lr: 0.1}
+students:
+  t1: {<<: *sweep, temperature: 1.0}
+  t4: {<<: *sweep, temperature: 4.0}
+  hard: {<<: *sweep, alpha: 0.0}
+  wide: {model: {hidden: [24]}, train: {epochs: 2, batch_size: 50, lr: 0.1}}
+"""
+
+
+def test_stacked_students_end_to_end(ray_session, data_root, tmp_path, capsys):
+    config = tmp_path / "stacked.yaml"
+    config.write_text(STACKED)
+    runs = {}
+    for stack in ("true", "false"):
+        runs[stack] = tmp_path / f"run-{stack}"
+        assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir",
+                     str(runs[stack]), "--set", f"stack_students={stack}"]) == 0
+        out = capsys.readouterr().out
+        assert ("stack-0          trains student-t1, student-t4, student-hard as one model"
+                in out) == (stack == "true")
+    stacked, alone = (json.loads((runs[s] / "metrics.json").read_text())["models"]
+                      for s in ("true", "false"))
+    assert set(stacked) == set(alone)
+    for name in ("student-t1", "student-t4", "student-hard", "student-wide"):
+        a, b = stacked[name], alone[name]
+        assert a["status"] == "finished" and len(a["history"]) == 2
+        for x, y in zip(a["history"], b["history"]):  # the same training, up to rounding
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-3)
+            assert abs(x["val_errors"] - y["val_errors"]) <= 2
+        assert sorted(p.name for p in (runs["true"] / "checkpoints" / name).iterdir()) == \
+            ["epoch-0001.safetensors", "epoch-0002.safetensors"]
+    assert main(["run", "--resume", str(runs["true"]), "--data-dir", str(data_root)]) == 0
+    assert "student-t4       finished earlier" in capsys.readouterr().out
