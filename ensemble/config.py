@@ -74,6 +74,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, weights and optimiser
     #   state stay fp32; for GPUs and AVX-512 BF16 CPUs (this project's 2-core CI host has no
     #   AVX-512: bf16 matmuls ran there at 2 GFLOP/s against 80 in fp32)
+    compile: bool = False  # torch.compile the training forward pass; eager again, with one
+    #   warning, if compiling fails (results/compile.md: what it gained on this CPU)
 
     def __post_init__(self):
         _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)

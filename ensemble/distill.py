@@ -94,7 +94,7 @@ class Student(Trainer):
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         xb = translate(self.x[idx], self.cfg.jitter, self.batches)
-        logits = self.model(xb)
+        logits = self.forward(xb)
         if self.teacher is None:
             return F.cross_entropy(logits, self.y[idx])
         probs = self.targets[idx] if self.targets is not None else \

@@ -63,7 +63,7 @@ class StreamTrainer(Trainer):
 
     def batch_loss(self, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.model(translate(x, self.cfg.jitter, self.batches)), y)
+        return F.cross_entropy(self.forward(translate(x, self.cfg.jitter, self.batches)), y)
 
     @staticmethod
     def batch_size_of(batch) -> int:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,6 +84,12 @@ class Trainer:
         self.classes, self.image_shape = data.num_classes, data.image_shape
         torch.manual_seed(seed)
         self.model = self.make_model(data).to(self.device)
+        self.compiled = None
+        if train_cfg.compile:  # compiled on the first batch
+            import torch._inductor.config as inductor
+
+            inductor.fallback_random = True  # dropout draws as in eager: same seeds, same masks
+            self.compiled = torch.compile(self.model)
         self.x, self.y = to_device(data.train_x, self.device), labels_to_device(data.train_y,
                                                                                 self.device)
         self.val = (to_device(data.val_x, self.device), labels_to_device(data.val_y, self.device))
@@ -121,6 +129,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.precision == "bf16")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model on a training batch: compiled (train.compile) or eager. A compile that
+        fails (no C++ compiler, an unsupported operation) leaves this trainer eager."""
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as err:  # torch.compile raises many types; eager always works
+                self.compiled = None
+                warnings.warn(f"{self.name}: torch.compile failed, training eagerly "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+        return self.model(x)
+
     @staticmethod
     def batch_size_of(batch) -> int:
         """How many examples `batch` (what epoch_batches yields) holds."""
@@ -134,7 +154,7 @@ class Trainer:
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean loss of the training examples at `idx` (B,) -> ()."""
         xb = translate(self.x[idx], self.cfg.jitter, self.batches)
-        return F.cross_entropy(self.model(xb), self.y[idx])
+        return F.cross_entropy(self.forward(xb), self.y[idx])
 
     def train_epoch(self) -> dict:
         """Train one epoch, evaluate, track the best model; return the epoch's metrics."""

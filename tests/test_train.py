@@ -152,3 +152,31 @@ def test_bf16_autocast_keeps_fp32_weights_and_learns(splits):
         t.batch_loss(torch.arange(4))
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]
+
+
+def _tiny(data_root, compile_):
+    splits = load_splits(DataConfig(val_size=100, download=False), data_root)
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=0.1, compile=compile_)
+    return Trainer("tiny", ModelConfig(hidden=(16,)), cfg, splits, 3)
+
+
+def test_compiled_training_matches_eager(data_root):
+    eager, compiled = _tiny(data_root, False), _tiny(data_root, True)
+    for _ in range(2):
+        a, b = eager.train_epoch(), compiled.train_epoch()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert compiled.compiled is not None  # it did compile, and kept compiling
+    for p, q in zip(eager.model.parameters(), compiled.model.parameters()):
+        assert (p - q).abs().max() < 1e-4
+
+
+def test_failed_compile_falls_back_to_eager(data_root):
+    eager, broken = _tiny(data_root, False), _tiny(data_root, True)
+
+    def no_compiler(x):
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+    broken.compiled = no_compiler
+    with pytest.warns(UserWarning, match="torch.compile failed, training eagerly"):
+        record = broken.train_epoch()
+    assert broken.compiled is None
+    assert record["loss"] == eager.train_epoch()["loss"]  # eager from the first batch on
