@@ -76,6 +76,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     samples = len(splits.train_y) * args.epochs * len(cfgs)
+    macs = 784 * 300 + 300 * 300 + 300 * 10  # per example, one forward pass
+    evaluated = (len(splits.val_y) + len(splits.test_y)) * args.epochs * len(cfgs)
+    gflop = (6 * macs * samples + 2 * macs * evaluated) / 1e9  # training ~3 passes, eval 1
     text = "\n".join([
         "# Stacked students", "",
         f"`python benchmarks/stacked.py --epochs {args.epochs} --threads {args.threads}`; "
@@ -84,9 +87,13 @@ def main() -> None:
         f"8 students 784-300-300-10 (T = {', '.join(f'{t:g}' for t in TEMPERATURES)}), "
         f"{len(splits.train_y):,} MNIST training images, batch 100, {args.epochs} epochs each, "
         "evaluation included.", "",
-        "| way | seconds | samples/s (all students) |", "|---|---:|---:|",
-        f"| one after the other | {alone_seconds:.1f} | {samples / alone_seconds:,.0f} |",
-        f"| stacked (one model) | {stacked_seconds:.1f} | {samples / stacked_seconds:,.0f} |", "",
+        "| way | seconds | samples/s (all students) | GFLOP/s |", "|---|---:|---:|---:|",
+        f"| one after the other | {alone_seconds:.1f} | {samples / alone_seconds:,.0f} | "
+        f"{gflop / alone_seconds:.0f} |",
+        f"| stacked (one model) | {stacked_seconds:.1f} | {samples / stacked_seconds:,.0f} | "
+        f"{gflop / stacked_seconds:.0f} |", "",
+        f"GFLOP/s: {gflop:.0f} GFLOP (6 x multiply-adds per training example, 2 x per evaluated "
+        "one) over the seconds; results/throughput.md has this machine's matmul peak.", "",
         f"stacked_vs_one_by_one: {ratio:.2f} (target >= 2)", "",
         "Per student after the last epoch (validation errors of 10,000):", "",
         "| student | one by one | stacked | max weight difference |", "|---|---:|---:|---:|",

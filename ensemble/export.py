@@ -9,6 +9,7 @@ logits (N, classes), softmax for probabilities.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import warnings
@@ -46,6 +47,10 @@ def export(run: RunDir, wanted: str) -> list[str]:
 
     from ensemble.train import model_from_checkpoint
 
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:  # checked first: nothing is written without both
+        raise ConfigError(f"the ONNX export needs {' and '.join(missing)}: "
+                          "pip install -e '.[export]'")
     name = choose_model(run, wanted)
     saved = run.latest(name)
     if saved is None:
@@ -61,13 +66,9 @@ def export(run: RunDir, wanted: str) -> list[str]:
         warnings.simplefilter("ignore")
         program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
         torch.export.save(program, folder / f"{name}.pt2")
-        try:
-            torch.onnx.export(model, (example,), folder / f"{name}.onnx", dynamo=True,
-                              dynamic_shapes={"x": {0: batch}}, input_names=["images"],
-                              output_names=["logits"], external_data=False)
-        except ImportError as err:
-            raise ConfigError(f"the ONNX export needs onnx and onnxscript ({err}): "
-                              "pip install -e '.[export]'") from None
+        torch.onnx.export(model, (example,), folder / f"{name}.onnx", dynamo=True,
+                          dynamic_shapes={"x": {0: batch}}, input_names=["images"],
+                          output_names=["logits"], external_data=False)
     classes = len(meta["members"]) + 1 if "members" in meta else meta["classes"]
     about = {"model": name, "epoch": meta["best_epoch"], "input": "images",
              "input_shape": ["batch", *shape], "input_dtype": "float32",

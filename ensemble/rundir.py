@@ -158,7 +158,12 @@ class RunDir:
 
     def read_json(self, name: str) -> dict | None:
         path = self.path / name
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(f"{self.location}: {name} is damaged (not valid JSON)") from None
 
     def write_json(self, name: str, data: dict) -> None:
         checkpoint.write_atomic(self.path / name, json.dumps(data, indent=1).encode())

@@ -92,7 +92,7 @@ class StackedStudents:
         orders = [list(m.epoch_batches()) for m in members]  # each member's own batch order
         layers = [linears(m.model) for m in members]
         # (N, in, out) per layer, stored that way: batched matmuls on transposed views of
-        # (N, out, in) ran 1.7x slower here
+        # (N, out, in) ran markedly slower here
         weights = [torch.stack([ls[i].weight.detach().t() for ls in layers]).contiguous()
                    .requires_grad_() for i in range(len(layers[0]))]
         biases = [torch.stack([ls[i].bias.detach() for ls in layers]).requires_grad_()

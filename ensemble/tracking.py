@@ -147,10 +147,10 @@ class Tracker:
         writer.flush()
 
     def close(self) -> None:
-        if self.live:
+        if self.live:  # the models still in the block keep their last line in the log
             self._erase()
-            for model in list(self.rows):
-                self.done(model)
+            self.stream.write("".join(f"{text}\n" for text in self.rows.values()))
+            self.rows.clear()
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()

@@ -50,6 +50,8 @@ def saved_run(damage):
         if damage == "pickle":  # a payload that would create a file if anything unpickled it
             blob = f"cos\nsystem\n(S'touch {tmp / 'pwned'}'\ntR.".encode()
         checkpoint.save_epoch(run.checkpoints("generalist-0"), 1, blob)
+        if damage == "metrics":  # cut short by a full disk, say
+            (run.path / "metrics.json").write_text('{"models": {"generalist-0": {"st')
         return run.path
     return make
 
@@ -99,6 +101,8 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
     "report of no run": (["report", "{tmp}/nowhere"], 2, "not a run directory", None),
     "report before the first epoch": (["report", "{saved}"], 2, "no results yet",
                                       saved_run(None)),
+    "report of a damaged metrics.json": (["report", "{saved}"], 2, "metrics.json is damaged",
+                                         saved_run("metrics")),
     "export of no run": (["export", "{tmp}/nowhere"], 2, "not a run directory", None),
     "export of an unknown model": (["export", "{saved}", "--model", "teacher"], 2,
                                    "no model 'teacher'", saved_run(None)),
