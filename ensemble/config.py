@@ -214,7 +214,7 @@ class RunConfig:
     students: dict[str, StudentConfig] = field(default_factory=dict)  # name -> recipe; may be empty
     stack_students: bool = False  # students differing only in seed, temperature and alpha (no
     #   dropout or jitter, same resources) train as one stacked model in one actor
-    #   (ensemble.stacked): ~1.8x faster for 8 300-unit ones here, equal within rounding
+    #   (ensemble.stacked): 1.68-1.81x faster for 8 300-unit ones here, equal within rounding
 
     def __post_init__(self):
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",
