@@ -3,13 +3,14 @@ non-zero exit, before any work starts and without touching an existing run direc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ensemble.config import RunConfig, apply_overrides, from_dict, load_config, resume_conflicts, \
+from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, from_dict, load_config, resume_conflicts, \
     to_dict
 from ensemble.errors import ConfigError, EnsembleError
 
@@ -54,8 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_run(args) -> tuple[RunConfig, RunDir, bool]:
-    """The config, run directory and resume flag of `ensemble run`, all checked."""
+def _resolve_run(args) -> tuple[RunConfig, RunDir, bool, dict[str, bytes]]:
+    """The config, run directory and resume flag of `ensemble run`, all checked, and the
+    checkpoints of generalists taken over from another run (generalists.from_run)."""
     from ensemble.rundir import RunDir
 
     if args.resume:
@@ -66,20 +68,61 @@ def _resolve_run(args) -> tuple[RunConfig, RunDir, bool]:
             raise ConfigError("--resume RUN and --run-dir name different directories")
         run = RunDir(path)
         try:
-            return _resumed_config(args, run), run, True
+            return _resumed_config(args, run), run, True, {}
         except ConfigError:
             run.close()  # a URI run directory's staging copy goes; nothing was changed
             raise
     if not args.config:
         raise ConfigError("ensemble run needs a CONFIG file (or --resume RUN)")
     cfg = load_config(args.config, args.set)
+    adopted = {}
+    if cfg.generalists.from_run:
+        cfg, adopted = _adopt_generalists(cfg)
     path = args.run_dir or str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run = RunDir(path)
     if run.exists():
         run.close()
         raise ConfigError(f"run directory {path} already exists; pass --resume {path} to "
                           "continue it or choose another --run-dir")
-    return cfg, run, False
+    return cfg, run, False, adopted
+
+
+def _adopt_generalists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes]]:
+    """generalists.from_run: the config with that run's generalist recipe, and the last
+    checkpoint of each of its generalists; refused unless the run used this run's data split and
+    every generalist finished."""
+    from ensemble.rundir import RunDir
+
+    source = cfg.generalists.from_run
+    src = RunDir(source)
+    try:
+        if not src.exists():
+            raise ConfigError(f"generalists.from_run: there is no run at {source}")
+        saved = src.load_config()
+        split = lambda d: (d.name, d.val_size, d.train_size)  # noqa: E731
+        if split(saved.data) != split(cfg.data):
+            raise ConfigError(f"generalists.from_run: {source} split its data differently (data "
+                              "name, val_size, train_size), so its generalists trained on this "
+                              "run's validation images; use its data settings")
+        own = dataclasses.replace(cfg.generalists, from_run="")
+        theirs = dataclasses.replace(saved.generalists, from_run="")
+        if own not in (GeneralistsConfig(), theirs):
+            raise ConfigError(f"generalists.from_run takes the generalists of {source} as they "
+                              "were trained; leave out the rest of the generalists section")
+        blobs = {}
+        for i in range(theirs.count):
+            name, epochs = f"generalist-{i}", theirs.train.epochs
+            latest = src.latest(name)
+            done = latest[1].get("epoch", 0) if latest else 0
+            if done < epochs:
+                raise ConfigError(f"generalists.from_run: {name} of {source} has trained {done} "
+                                  f"of its {epochs} epochs; finish it first with "
+                                  f"'ensemble run --resume {source}'")
+            blobs[name] = latest[0]
+    finally:
+        src.close()
+    return dataclasses.replace(cfg, generalists=dataclasses.replace(
+        theirs, from_run=source)), blobs
 
 
 def _resumed_config(args, run: RunDir) -> RunConfig:
@@ -90,6 +133,8 @@ def _resumed_config(args, run: RunDir) -> RunConfig:
         cfg = load_config(args.config, args.set)
     else:
         cfg = from_dict(apply_overrides(to_dict(saved), args.set))
+    if cfg.generalists.from_run and cfg.generalists.from_run == saved.generalists.from_run:
+        cfg = dataclasses.replace(cfg, generalists=saved.generalists)  # as taken over
     changed = resume_conflicts(saved, cfg)
     if changed:
         raise ConfigError(f"cannot resume {run.location} with a changed config "
@@ -99,14 +144,14 @@ def _resumed_config(args, run: RunDir) -> RunConfig:
 
 def cmd_run(args) -> int:
 
-    cfg, run, resume = _resolve_run(args)
+    cfg, run, resume, adopted = _resolve_run(args)
     try:
-        return _run(args, cfg, run, resume)
+        return _run(args, cfg, run, resume, adopted)
     finally:
         run.close()  # a URI run directory: the last sync, and its staging copy removed
 
 
-def _run(args, cfg: RunConfig, run: RunDir, resume: bool) -> int:
+def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, bytes]) -> int:
     from ensemble.data import load_splits
     from ensemble.tracking import Tracker
 
@@ -128,7 +173,7 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool) -> int:
                  f"{len(splits.val_y):,} validation, {len(splits.test_y):,} test images of "
                  f"{cfg.data.name}")
     try:
-        run_pipeline(cfg, run, splits, args.address, resume, tracker)
+        run_pipeline(cfg, run, splits, args.address, resume, tracker, adopted)
     except KeyboardInterrupt:
         print(f"interrupted; continue with: ensemble run --resume {path}", file=sys.stderr)
         return 130

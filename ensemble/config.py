@@ -138,6 +138,8 @@ class GeneralistsConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(jitter=2))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    from_run: str = ""  # a finished run whose generalists (recipe and checkpoints) are taken over,
+    #                     not trained again; its data split must be this run's
 
     def __post_init__(self):
         _require(self.count >= 1, "count", "must be >= 1", self.count)

@@ -379,9 +379,11 @@ class Pipeline:
 
 
 def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | None,
-                 resume: bool, tracker: Tracker) -> dict[str, dict]:
+                 resume: bool, tracker: Tracker, adopted: dict[str, bytes] | None = None
+                 ) -> dict[str, dict]:
     """Train every model of `cfg` into `run`; raise TrainingError if any failed (after writing
-    the results of all the others)."""
+    the results of all the others). `adopted`: checkpoints of finished models taken over from
+    another run (generalists.from_run), saved into this one before anything trains."""
     pipe = Pipeline(cfg, run, splits, tracker)
     started = time.perf_counter()
     with ray_session(address, pipe.namespace) as dashboard:
@@ -405,6 +407,10 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
             run.create(cfg)
             tracker.text("run", "config", "    " + run.config_path.read_text().replace(
                 "\n", "\n    "))  # indented: TensorBoard shows it as code
+            for name, blob in (adopted or {}).items():
+                checkpoint.save_epoch(run.checkpoints(name), checkpoint.read_meta(blob)["epoch"],
+                                      blob)
+                tracker.line(f"{name:<16} taken over from {cfg.generalists.from_run}")
         with pipe.timed("data placement"):
             data_ref = ray.put(splits)
         pipe.execute(data_ref)

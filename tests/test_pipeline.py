@@ -100,6 +100,37 @@ def test_eval_reevaluates_checkpoints(finished_run, data_root, capsys):
     assert f"| {metrics['generalist-1']['summary']['test_errors']} |" in row
 
 
+def test_students_from_another_runs_generalists(finished_run, data_root, tmp_path, capsys):
+    """generalists.from_run: the finished run's generalists are copied, not trained again, and
+    the students distil from them; the new run resumes with its own config file."""
+    _, source = finished_run
+    config = tmp_path / "students.yaml"
+    config.write_text(CONFIG.split("generalists:")[0] + f"generalists: {{from_run: {source}}}\n"
+                      "students:" + CONFIG.split("students:")[1])
+    run = tmp_path / "run"
+    argv = [str(config), "--data-dir", str(data_root), "--run-dir", str(run)]
+    assert main(["run", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "generalist-1     taken over from" in out and "generalist-0     epoch" not in out
+    for name in ("generalist-0", "generalist-1"):
+        mine = sorted((run / "checkpoints" / name).iterdir())
+        theirs = sorted((source / "checkpoints" / name).iterdir())
+        assert [p.name for p in mine] == [theirs[-1].name]
+        assert mine[0].read_bytes() == theirs[-1].read_bytes()
+    saved = (run / "config.yaml").read_text()
+    assert "hidden:\n    - 32\n    - 32" in saved and f"from_run: {source}" in saved
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    source_metrics = json.loads((source / "metrics.json").read_text())["models"]
+    assert metrics["generalist-0"]["summary"]["test_errors"] == \
+        source_metrics["generalist-0"]["summary"]["test_errors"]
+    assert len(metrics["student-distilled"]["history"]) == 2
+    assert metrics["student-distilled"]["summary"]["test_errors"] < 100
+    assert main(["run", *argv[:3], "--resume", str(run),
+                 "--set", "students.hard.train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "generalist-0     finished earlier" in out and "student-hard     epoch   3/3" in out
+
+
 def test_unsatisfiable_request_fails_at_once(ray_session, data_root, tmp_path, capsys):
     config = tmp_path / "gpu.yaml"
     config.write_text(CONFIG + "\n")
