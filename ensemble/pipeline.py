@@ -9,6 +9,7 @@ directory, so actors never see a file-system path and a cluster needs no shared 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import shutil
@@ -73,9 +74,12 @@ def ray_session(address: str | None, namespace: str):
         return
     temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
     try:
-        # a local Ray on loopback: Ray swaps 127.0.0.1 for the routable address unless
-        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before it was imported (the CLI does)
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}
+        # a local Ray on loopback (Ray swaps 127.0.0.1 for the routable address unless
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before it was imported; the CLI does it),
+        # whose workers import the trainers (torch) as they start, before any actor asks for
+        # one: Ray starts a worker per CPU with the driver, so the first actors find one ready
+        local = {} if address else {"_node_ip_address": "127.0.0.1", "_system_config": {
+            "preload_python_modules": ["ensemble.actors"]}}
         context = ray.init(address=address, namespace=namespace, _temp_dir=temp,
                            logging_level=logging.WARNING, **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -199,10 +203,11 @@ class Pipeline:
                                         teacher_ref, data_ref, cfg.device)
             self.run.write_json("subsets.json", self.subsets)
             labels = list(self.splits.classes)
-            self.tracker.image("run", "specialists/covariance", figures.covariance(
-                self.subsets["covariance"], labels, "Covariance of predicted probabilities"))
+            self.tracker.image("run", "specialists/covariance", functools.partial(
+                figures.covariance, self.subsets["covariance"], labels,
+                "Covariance of predicted probabilities"))
             self.tracker.image("run", "specialists/subsets",
-                               figures.subsets(self.subsets["subsets"], labels))
+                               functools.partial(figures.subsets, self.subsets["subsets"], labels))
         for i, names in enumerate(self.subsets["names"]):
             self.tracker.line(f"specialist-{i:<5} covers {', '.join(names)}")
         generalist_ref = ray.put(ray.get(teacher_ref)[0])  # specialists start from generalist-0
@@ -222,9 +227,9 @@ class Pipeline:
                                      specialist_ref, spec, data_ref, cfg.device)
         self.ensemble["top_n"] = spec.top_n
         self.run.write_json("ensemble.json", self.ensemble)
-        self.tracker.image("ensemble", "confusion/test", figures.confusion(
-            self.ensemble["test"]["ensemble_confusion"], list(self.splits.classes),
-            "generalists + specialists"))
+        self.tracker.image("ensemble", "confusion/test", functools.partial(
+            figures.confusion, self.ensemble["test"]["ensemble_confusion"],
+            list(self.splits.classes), "generalists + specialists"))
         test = self.ensemble["test"]
         self.tracker.line(f"{'ensemble':<16} test errors: generalists {test['generalist_errors']}, "
                           f"with specialists {test['ensemble_errors']}")
@@ -286,8 +291,10 @@ class Pipeline:
                 with contextlib.suppress(RayError):  # lost in a restart: asked again next epoch
                     job.placement = ray.get(job.placement_ref)
                 self.placed.add(job.name)
+                job.epoch = (record[0] if job.members else record)["epoch"]
+                if not job.finished:  # the actor trains on while the driver writes
+                    self._submit(job, active)
                 if job.members:  # a stack: a record and a checkpoint per member
-                    job.epoch = record[0]["epoch"]
                     for member, rec, member_blob in zip(job.members, record, blob):
                         member.placement = job.placement
                         self._epoch_done(member, rec, member_blob)
@@ -301,8 +308,6 @@ class Pipeline:
                     for done in job.members or [job]:
                         self.tracker.done(done.name)
                         self._finished(done)
-                else:
-                    self._submit(job, active)
         finally:
             for job in jobs:
                 self._stop(job)
@@ -327,7 +332,8 @@ class Pipeline:
                 members = self.subsets["subsets"][int(job.name.rsplit("-", 1)[1])]
                 labels = [labels[c] for c in members] + ["dustbin"]
             self.tracker.image(job.name, "confusion/test",
-                               figures.confusion(matrix, labels, job.name), job.epoch)
+                               functools.partial(figures.confusion, matrix, labels, job.name),
+                               job.epoch)
 
     def _scaling(self, job: Job) -> bool:
         """Whether `job` waits for a node the autoscaler has yet to add."""
@@ -420,8 +426,9 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
     tracker.timings(pipe.timings)
     grid = temperature_grid(cfg, results)
     if grid:
-        tracker.image("run", "students/temperature_x_width", figures.temperature_grid(
-            {key: cell[1] for key, cell in grid.items()}, "validation errors"))
+        tracker.image("run", "students/temperature_x_width", functools.partial(
+            figures.temperature_grid, {key: cell[1] for key, cell in grid.items()},
+            "validation errors"))
     tracker.line("\n" + run.write_summary(cfg.name, results, pipe.subsets, pipe.ensemble,
                                           pipe.timings))
     failed = [f"{name} ({m['error']})" for name, m in results.items() if m["error"]]

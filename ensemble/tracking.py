@@ -11,6 +11,9 @@ CI) the same text as one plain line per model and epoch.
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -41,6 +44,9 @@ class Tracker:
         one line per model in place (None: when `out` is a terminal)."""
         self.tb_dir, self.out, self._live = Path(tb_dir), out, live
         self.writers = {}
+        self._lock = threading.Lock()  # the writers are shared with the figure thread
+        self._figures: ThreadPoolExecutor | None = None  # draws figures off the driver's path
+        self._pending: list[Future] = []
         self.rows: dict[str, str] = {}  # model in training -> its live line
         self.drawn = 0  # lines of the live block now on the screen
 
@@ -93,10 +99,11 @@ class Tracker:
 
     # ------------------------------------------------------------ TensorBoard --------------------
     def _writer(self, model: str):
-        if model not in self.writers:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
-            self.writers[model] = SummaryWriter(str(self.tb_dir / model))
-        return self.writers[model]
+        with self._lock:
+            if model not in self.writers:
+                from torch.utils.tensorboard import SummaryWriter  # slow import: only when used
+                self.writers[model] = SummaryWriter(str(self.tb_dir / model))
+            return self.writers[model]
 
     def epoch(self, model: str, epochs: int, record: dict) -> None:
         writer = self._writer(model)
@@ -128,7 +135,18 @@ class Tracker:
         writer.add_text(tag, markdown)
         writer.flush()
 
-    def image(self, model: str, tag: str, png: bytes, step: int = 0) -> None:
+    def image(self, model: str, tag: str, png: bytes | Callable[[], bytes], step: int = 0) -> None:
+        """A figure under RUN/tb/<model>/; `png` may be a function that draws it, called on a
+        thread of its own so that drawing (a second or more) never holds up training."""
+        if callable(png):
+            if self._figures is None:
+                self._figures = ThreadPoolExecutor(1, thread_name_prefix="figures")
+            self._pending.append(self._figures.submit(
+                lambda: self._image(model, tag, png(), step)))
+        else:
+            self._image(model, tag, png, step)
+
+    def _image(self, model: str, tag: str, png: bytes, step: int) -> None:
         import io
 
         import numpy as np
@@ -147,6 +165,18 @@ class Tracker:
         writer.flush()
 
     def close(self) -> None:
+        """Wait for the figures still being drawn (raising the first error), then close."""
+        pending, self._pending = self._pending, []
+        try:
+            for future in pending:
+                future.result()
+        finally:
+            if self._figures is not None:
+                self._figures.shutdown(wait=True, cancel_futures=True)
+                self._figures = None
+            self._close()
+
+    def _close(self) -> None:
         if self.live:  # the models still in the block keep their last line in the log
             self._erase()
             self.stream.write("".join(f"{text}\n" for text in self.rows.values()))
