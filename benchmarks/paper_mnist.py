@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ensemble import figures
 from ensemble.data import labels_to_device, load_splits, to_device
 from ensemble.rundir import RunDir
 from ensemble.train import model_from_checkpoint, predict_logits
@@ -135,8 +136,11 @@ def main() -> None:
     for name in models:  # any other student: a variant of the recipe (configs/paper/*.yaml)
         if name.startswith("student-") and name not in known and \
                 not re.fullmatch(r"student-w\d+-T[\d_]+", name):
+            last = models[name][2]["history"][-1]
             lines.append(row(f"{name[len('student-'):]} (see the config)", "–", name,
-                             test_errors(name), f"{errors(models[name][0], y_val)} on validation"))
+                             test_errors(name), f"{errors(models[name][0], y_val)} on "
+                             f"validation; last epoch {last['test_errors']} "
+                             f"({last['val_errors']} on validation)"))
 
     grid = {}
     for name in models:
@@ -164,6 +168,21 @@ def main() -> None:
                 cells.append(f"**{cell}**" if t == best else cell)
             epochs = models[grid[(w, temps[0])]][2]["epoch"]
             lines.append(f"| {w} | " + " | ".join(cells) + f" | {epochs} |")
+    teacher_history = models[teacher][2]["history"]
+    histories = {"teacher": teacher_history}
+    offsets = {}
+    for name in ("student-hard", "student-distilled"):
+        if name in models:
+            histories[name] = models[name][2]["history"]
+            if name != "student-hard":  # a distilled student needs its teacher first
+                offsets[name] = sum(r["seconds"] for r in teacher_history)
+    figure = Path(args.out).with_suffix(".png")
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_bytes(figures.errors_vs_time(histories, offsets))
+    lines += ["", f"![test errors against CPU hours]({figure.name})", "",
+              "Test errors per epoch against the CPU time spent so far (each model's own "
+              "training and evaluation seconds, on one core each; a distilled student's line "
+              "starts where its teacher's ends)."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

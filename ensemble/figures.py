@@ -83,10 +83,17 @@ def confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str
     return _png(fig)
 
 
-def curves(histories: dict[str, list[dict]]) -> bytes:
-    """Validation errors and training loss per epoch, one line per model."""
+def _plain_log(ax) -> None:
+    """A log y axis with few decades: 1-2-5 steps, printed as plain numbers."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def curves(histories: dict[str, list[dict]]) -> bytes:
+    """Validation errors and training loss per epoch, one line per model."""
     columns = 1 + len(histories) // 16  # the legend sits beside the plots
     fig = _figure(8.0 + 1.6 * columns, 3.6)
     errors_ax, loss_ax = fig.subplots(1, 2)
@@ -96,12 +103,35 @@ def curves(histories: dict[str, list[dict]]) -> bytes:
         loss_ax.plot(epochs, [r["loss"] for r in history], marker=".", label=name)
     errors_ax.set(xlabel="epoch", ylabel="validation errors", yscale="log")
     loss_ax.set(xlabel="epoch", ylabel="training loss", yscale="log")
-    for ax in (errors_ax, loss_ax):  # 1-2-5 steps, plain numbers: log axes with few decades
-        ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+    for ax in (errors_ax, loss_ax):
+        _plain_log(ax)
     fig.legend(*errors_ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7,
                ncols=columns)
+    return _png(fig)
+
+
+def errors_by_hour(history: list[dict], offset: float = 0.0) -> tuple[list[float], list[int]]:
+    """(hours spent after each epoch, counting from `offset` seconds; its test errors)."""
+    hours, elapsed = [], offset
+    for record in history:
+        elapsed += record["seconds"]
+        hours.append(elapsed / 3600)
+    return hours, [record["test_errors"] for record in history]
+
+
+def errors_vs_time(histories: dict[str, list[dict]], offsets: dict[str, float]) -> bytes:
+    """Test errors against cumulative seconds of training and evaluation, one line per model;
+    a model's line starts at its offset (a distilled student's: its teacher's seconds)."""
+    fig = _figure(6.0, 3.8)
+    ax = fig.add_subplot()
+    for name, history in histories.items():
+        ax.plot(*errors_by_hour(history, offsets.get(name, 0.0)), marker=".", markersize=3,
+                label=name)
+    ax.set(xlabel="CPU hours (training and evaluation; a student's include its teacher's)",
+           ylabel="test errors", yscale="log")
+    _plain_log(ax)
+    ax.legend(fontsize=8)
+    ax.set_title("Test errors per CPU hour", fontsize=10)
     return _png(fig)
 
 

@@ -240,3 +240,19 @@ def test_export_refuses_an_unknown_model(specialists_run, capsys):
     err = capsys.readouterr().err
     assert "no model 'teacher'" in err and "Traceback" not in err
     assert not (run / "export" / "teacher.onnx").exists()
+
+
+def test_errors_vs_time_starts_a_student_where_its_teacher_ends():
+    import io
+
+    from PIL import Image
+
+    from ensemble import figures
+
+    teacher = [{"seconds": 1800.0, "test_errors": e} for e in (300, 200, 150)]
+    student = [{"seconds": 600.0, "test_errors": e} for e in (400, 160)]
+    assert figures.errors_by_hour(teacher) == ([0.5, 1.0, 1.5], [300, 200, 150])
+    assert figures.errors_by_hour(student, 5400.0) == ([5 / 3, 11 / 6], [400, 160])
+    png = figures.errors_vs_time({"teacher": teacher, "student": student},
+                                 {"student": 5400.0})
+    assert Image.open(io.BytesIO(png)).size == (600, 380)
