@@ -78,8 +78,8 @@ def main() -> None:
     n_train = len(splits.train_y)
     plan = [("teacher", gen.train.epochs * gen.count, "teacher", 1.0)]
     for name, scfg in cfg.students.items():
-        share = float(transfer_mask(splits.train_y, scfg.drop_classes,
-                                    scfg.keep_classes).sum()) / n_train
+        share = float(transfer_mask(splits.train_y, scfg.drop_classes, scfg.keep_classes,
+                                    scfg.transfer_size).sum()) / n_train
         kind = "distilled student" if scfg.uses_teacher else "hard-label student"
         plan.append((f"student-{name}", scfg.train.epochs, kind, share))
     rows, total, missing = [], 0.0, []

@@ -188,12 +188,15 @@ class StudentConfig:
     teacher_mean: Literal["probs", "logits"] = "probs"  # average the generalists' probabilities or logits
     drop_classes: tuple[int, ...] = ()  # transfer-set filter: classes never shown (§3: no 3s)
     keep_classes: tuple[int, ...] = ()  # transfer-set filter: only these classes (§3: 7s and 8s)
+    transfer_size: int = 0  # 0: the whole filtered transfer set; else this many of its examples,
+    #                         one fixed random draw shared by every student (3 %: 1800 on MNIST)
     soft_targets: Literal["generalists", "ensemble"] = "generalists"  # ensemble: eq. 5's q with
     #                                                    the specialists (needs specialists.k > 0)
 
     def __post_init__(self):
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]", self.alpha)
+        _require(self.transfer_size >= 0, "transfer_size", "must be >= 0", self.transfer_size)
         _require(not (self.drop_classes and self.keep_classes), "keep_classes",
                  "cannot be combined with drop_classes", list(self.keep_classes))
 

@@ -237,11 +237,17 @@ def load_splits(cfg: DataConfig, data_dir: str | Path | None = None) -> Splits:
                   train_y[cut:], test_x, test_y)
 
 
-def transfer_mask(labels: np.ndarray, drop: tuple[int, ...] = (), keep: tuple[int, ...] = ()):
-    """Boolean mask of a transfer set: all classes but `drop`, or only `keep`."""
-    if keep:
-        return np.isin(labels, keep)
-    return ~np.isin(labels, drop)
+def transfer_mask(labels: np.ndarray, drop: tuple[int, ...] = (), keep: tuple[int, ...] = (),
+                  size: int = 0) -> np.ndarray:
+    """Boolean mask of a transfer set: all classes but `drop`, or only `keep`; then, if `size`,
+    that many of those examples drawn at random, one fixed draw (every student with the same
+    filters and size gets the same examples)."""
+    mask = np.isin(labels, keep) if keep else ~np.isin(labels, drop)
+    if 0 < size < mask.sum():
+        chosen = np.random.default_rng(0).permutation(np.flatnonzero(mask))[:size]
+        mask = np.zeros_like(mask)
+        mask[chosen] = True
+    return mask
 
 
 # ---------------------------------------------------------------- on the device -------------------

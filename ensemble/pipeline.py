@@ -451,7 +451,8 @@ def model_hparams(cfg: RunConfig, name: str, role: str) -> dict:
                  "transfer": ("without " + ",".join(map(str, student.drop_classes))
                               if student.drop_classes else
                               "only " + ",".join(map(str, student.keep_classes))
-                              if student.keep_classes else "all")}
+                              if student.keep_classes else "all"),
+                 "transfer_size": student.transfer_size}
     return {"role": role, "hidden": "x".join(map(str, model.hidden)), "kind": model.kind,
             "dropout_in": model.dropout_in, "dropout_hidden": model.dropout_hidden,
             "max_norm": model.max_norm, "epochs": train.epochs, "batch_size": train.batch_size,

@@ -40,7 +40,8 @@ def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
             return "stacked students must share one model shape"
         if to_dict(cfg.train) != to_dict(first.train):
             return "stacked students must share one training recipe (train.*)"
-        if (cfg.drop_classes, cfg.keep_classes) != (first.drop_classes, first.keep_classes):
+        if (cfg.drop_classes, cfg.keep_classes, cfg.transfer_size) != \
+                (first.drop_classes, first.keep_classes, first.transfer_size):
             return "stacked students must share one transfer set"
         if cfg.uses_teacher and cfg.soft_targets != first.soft_targets:
             return "stacked students must share one teacher"
@@ -122,7 +123,8 @@ class StackedStudents:
             logits = h.float()  # (N, B, C)
             hard = F.cross_entropy(logits.transpose(1, 2), y[idx], reduction="none").mean(1)
             log_q = F.log_softmax(logits / self.temperature[:, None, None], dim=2)
-            soft = -(self.targets[rows, idx] * log_q).sum(2).mean(1) * t2
+            p = self.targets[rows, idx]  # (N, B, C)
+            soft = (torch.xlogy(p, p) - p * log_q).sum(2).mean(1) * t2  # T^2 KL, as distill
             losses = self.alpha * soft + (1 - self.alpha) * hard  # (N,)
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()  # the members' parameters are apart: each its own gradient

@@ -68,6 +68,8 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
     "negative count": (["run", "{config}", "--set", "generalists.count=-1"], 2, ">= 1", None),
     "T <= 0": (["run", "{config}", "--set", "students.s.temperature=0"], 2, "must be > 0",
                None),
+    "negative transfer size": (["run", "{config}", "--set", "students.s.transfer_size=-1"], 2,
+                               "transfer_size must be >= 0", None),
     "alpha > 1": (["run", "{config}", "--set", "students.s.alpha=2"], 2, "alpha", None),
     "k > classes": (["run", "{config}", "--set", "specialists.k=11"], 2,
                     "number of classes", None),

@@ -61,6 +61,11 @@ def test_transfer_mask():
     y = np.array([0, 3, 7, 8, 3])
     assert transfer_mask(y, drop=(3,)).tolist() == [True, False, True, True, False]
     assert transfer_mask(y, keep=(7, 8)).tolist() == [False, False, True, True, False]
+    many = np.arange(1000) % 10
+    some = transfer_mask(many, drop=(3,), size=100)
+    assert some.sum() == 100 and not some[many == 3].any()
+    assert (some == transfer_mask(many, drop=(3,), size=100)).all()  # one fixed draw
+    assert transfer_mask(many, size=5000).all()  # more than there are: all of them
 
 
 def test_translate_range_and_independence():
