@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import pytest
 
 from ensemble.config import apply_overrides, from_dict, load_config, resume_conflicts
 from ensemble.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_papers():
@@ -72,3 +76,10 @@ def test_x_keys_hold_yaml_anchors(tmp_path):
     cfg = load_config(path)
     assert cfg.students["a"].temperature == 3.0 and cfg.students["b"].temperature == 4.0
     assert cfg.students["b"].model.hidden == (30,)
+
+
+@pytest.mark.parametrize("path", sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(ROOT / path)  # ConfigError, with the key, if one went stale
+    assert cfg.name and (cfg.students or cfg.specialists.k or cfg.generalists.count)
