@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, from_dict, load_config, resume_conflicts, \
-    to_dict
+from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, from_dict, \
+    load_config, resume_conflicts, to_dict
 from ensemble.errors import ConfigError, EnsembleError
 
 if TYPE_CHECKING:
