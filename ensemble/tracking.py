@@ -135,24 +135,20 @@ class Tracker:
         writer.add_text(tag, markdown)
         writer.flush()
 
-    def image(self, model: str, tag: str, png: bytes | Callable[[], bytes], step: int = 0) -> None:
-        """A figure under RUN/tb/<model>/; `png` may be a function that draws it, called on a
-        thread of its own so that drawing (a second or more) never holds up training."""
-        if callable(png):
-            if self._figures is None:
-                self._figures = ThreadPoolExecutor(1, thread_name_prefix="figures")
-            self._pending.append(self._figures.submit(
-                lambda: self._image(model, tag, png(), step)))
-        else:
-            self._image(model, tag, png, step)
+    def image(self, model: str, tag: str, draw: Callable[[], bytes], step: int = 0) -> None:
+        """The figure `draw` returns (PNG bytes) under RUN/tb/<model>/, drawn on a thread of its
+        own so that drawing (a second or more) never holds up training; close() waits for it."""
+        if self._figures is None:
+            self._figures = ThreadPoolExecutor(1, thread_name_prefix="figures")
+        self._pending.append(self._figures.submit(self._image, model, tag, draw, step))
 
-    def _image(self, model: str, tag: str, png: bytes, step: int) -> None:
+    def _image(self, model: str, tag: str, draw: Callable[[], bytes], step: int) -> None:
         import io
 
         import numpy as np
         from PIL import Image
 
-        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        pixels = np.asarray(Image.open(io.BytesIO(draw())).convert("RGB"))
         writer = self._writer(model)
         writer.add_image(tag, pixels, step, dataformats="HWC")
         writer.flush()
