@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -45,8 +44,9 @@ class Tracker:
         self.tb_dir, self.out, self._live = Path(tb_dir), out, live
         self.writers = {}
         self._lock = threading.Lock()  # the writers are shared with the figure thread
-        self._figures: ThreadPoolExecutor | None = None  # draws figures off the driver's path
-        self._pending: list[Future] = []
+        self._drawing = threading.Lock()  # one figure at a time, off the driver's path
+        self._pending: list[threading.Thread] = []
+        self._failed: list[BaseException] = []
         self.rows: dict[str, str] = {}  # model in training -> its live line
         self.drawn = 0  # lines of the live block now on the screen
 
@@ -138,9 +138,12 @@ class Tracker:
     def image(self, model: str, tag: str, draw: Callable[[], bytes], step: int = 0) -> None:
         """The figure `draw` returns (PNG bytes) under RUN/tb/<model>/, drawn on a thread of its
         own so that drawing (a second or more) never holds up training; close() waits for it."""
-        if self._figures is None:
-            self._figures = ThreadPoolExecutor(1, thread_name_prefix="figures")
-        self._pending.append(self._figures.submit(self._image, model, tag, draw, step))
+        # a plain thread: an executor refuses work once the interpreter starts to exit, and the
+        # CLI may run on a thread that outlives the main one (tests/multinode.py)
+        thread = threading.Thread(target=self._image, args=(model, tag, draw, step),
+                                  name="figure")
+        self._pending.append(thread)
+        thread.start()
 
     def _image(self, model: str, tag: str, draw: Callable[[], bytes], step: int) -> None:
         import io
@@ -148,10 +151,14 @@ class Tracker:
         import numpy as np
         from PIL import Image
 
-        pixels = np.asarray(Image.open(io.BytesIO(draw())).convert("RGB"))
-        writer = self._writer(model)
-        writer.add_image(tag, pixels, step, dataformats="HWC")
-        writer.flush()
+        try:
+            with self._drawing:
+                pixels = np.asarray(Image.open(io.BytesIO(draw())).convert("RGB"))
+                writer = self._writer(model)
+                writer.add_image(tag, pixels, step, dataformats="HWC")
+                writer.flush()
+        except BaseException as err:  # raised again by close()
+            self._failed.append(err)
 
     def timings(self, seconds: dict[str, float]) -> None:
         """The run's time breakdown as scalars time/<phase> under RUN/tb/run/."""
@@ -164,12 +171,11 @@ class Tracker:
         """Wait for the figures still being drawn (raising the first error), then close."""
         pending, self._pending = self._pending, []
         try:
-            for future in pending:
-                future.result()
+            for thread in pending:
+                thread.join()
+            if self._failed:
+                raise self._failed.pop(0)
         finally:
-            if self._figures is not None:
-                self._figures.shutdown(wait=True, cancel_futures=True)
-                self._figures = None
             self._close()
 
     def _close(self) -> None:
