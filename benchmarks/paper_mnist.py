@@ -8,7 +8,9 @@ Trains the config's teacher and students with `ensemble run` (or resumes the run
 finished run is only analysed), then writes a table of paper number vs ours, with epochs and
 wall time per model, the hardware and the git commit. The bias shifts of the no-3s and 7s-and-8s
 students are chosen on the validation split, never on the test set (the paper chose its +3.5 and
--7.6 on test). Students named w<width>-T<t> form the temperature x width study.
+-7.6 on test). Students named w<width>-T<t> form the temperature x width study; with several
+generalists, students named <group>-s<k> are seeds of one recipe, set against the generalists'
+ensemble (the paper's claim that a distilled single model keeps 80 % of an ensemble's gain).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import argparse
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +32,7 @@ from ensemble.train import model_from_checkpoint, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTS = torch.arange(0.0, 15.01, 0.25)  # bias shifts tried, in logits
+GRID = re.compile(r"student-w(\d+)-T([\d_]+)(?:-s\d+)?")  # the T x width study, seeds -s<k>
 
 
 def errors(logits: torch.Tensor, y: torch.Tensor) -> int:
@@ -43,6 +47,95 @@ def best_shift(val: torch.Tensor, y_val: torch.Tensor, classes: list[int], sign:
         z[:, classes] += sign * s
         scores.append((errors(z, y_val), s))
     return min(scores)[1]
+
+
+def spread(values: list[float]) -> str:
+    """'mean ± sd (min-max)' over seeds; the sd is the sample one (n - 1)."""
+    if len(values) == 1:
+        return f"{values[0]:g}"
+    return (f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} "
+            f"({min(values):g}–{max(values):g})")
+
+
+def grid_section(grid: dict[tuple[int, float], list[str]], models: dict, y_val: torch.Tensor,
+                 y_test: torch.Tensor, out: Path) -> list[str]:
+    """The temperature x width table (means over seeds), the T that validation picks per width
+    for each seed, and a plot of mean validation errors by T (written next to `out`)."""
+    widths = sorted({w for w, _ in grid})
+    temps = sorted({t for _, t in grid})
+    seeds = max(len(names) for names in grid.values())
+    val = {k: [errors(models[n][0], y_val) for n in names] for k, names in grid.items()}
+    test = {k: [errors(models[n][1], y_test) for n in names] for k, names in grid.items()}
+    mean = statistics.mean
+    what = "mean over seeds (± sd) " if seeds > 1 else ""
+    lines = ["", f"## Temperature x width: test errors, {what}with validation errors in brackets; "
+                 "the best T per width by validation in bold", "",
+             "paper: students of 300 or more units did about equally well for any T > 8; "
+             "30-unit students did best at T = 2.5-4.", "",
+             "| width | " + " | ".join(f"T={t:g}" for t in temps) + " | epochs | seeds | "
+             "T picked per seed |", "|---:|" + "---:|" * len(temps) + "---:|---:|---|"]
+    for w in widths:
+        here = [t for t in temps if (w, t) in grid]
+        best = min(here, key=lambda t: mean(val[(w, t)]))
+        cells = []
+        for t in temps:
+            if (w, t) not in grid:
+                cells.append("–")
+                continue
+            sd = f" ± {statistics.stdev(test[(w, t)]):.0f}" if len(test[(w, t)]) > 1 else ""
+            cell = f"{mean(test[(w, t)]):.0f}{sd} ({mean(val[(w, t)]):.0f})"
+            cells.append(f"**{cell}**" if t == best else cell)
+        picked = [min(here, key=lambda t: val[(w, t)][k]) for k in range(len(grid[(w, here[0])]))
+                  if all(len(val[(w, t)]) > k for t in here)]
+        epochs = models[grid[(w, here[0])][0]][2]["epoch"]
+        lines.append(f"| {w} | " + " | ".join(cells) + f" | {epochs} | {len(grid[(w, here[0])])} "
+                     f"| {', '.join(f'{t:g}' for t in picked)} |")
+    figure = out.with_name(out.stem + "_temperature.png")
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_bytes(figures.temperature_grid({k: mean(v) for k, v in val.items()},
+                                                "validation errors" + (f", mean of {seeds} seeds"
+                                                                       if seeds > 1 else "")))
+    return lines + ["", f"![validation errors by temperature and width]({figure.name})"]
+
+
+def ensemble_section(models: dict, y_val: torch.Tensor, y_test: torch.Tensor) -> list[str]:
+    """Single generalists (seeds of one recipe) vs their ensemble (mean probabilities) vs each
+    group of seeded students (names <group>-s<k>): the share of the ensemble's gain over a single
+    generalist that the students keep, on validation and on test."""
+    gens = [n for n in models if n.startswith("generalist-")]
+    groups: dict[str, list[str]] = {}
+    for name in models:
+        m = re.fullmatch(r"student-(.+)-s\d+", name)
+        if m and not GRID.fullmatch(name):
+            groups.setdefault(m.group(1), []).append(name)
+    lines = ["", f"## An ensemble of {len(gens)} generalists and students distilled from it", "",
+             "paper (section 4, speech): a single model distilled from an ensemble of 10 kept 80 % "
+             "of the ensemble's gain over a single model. Here each generalist is one seed of "
+             "the single model; errors are mean ± sd over seeds (min–max); gain kept = (single "
+             "mean − student mean) / (single mean − ensemble).", "",
+             "| model | seeds | val errors | test errors | gain kept (val) | gain kept (test) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    cols = {}
+    for split, i, y in (("val", 0, y_val), ("test", 1, y_test)):
+        single = [errors(models[n][i], y) for n in gens]
+        probs = torch.stack([models[n][i].softmax(1) for n in gens]).mean(0)
+        cols[split] = (single, errors(probs, y))
+    lines.append(f"| single generalist | {len(gens)} | {spread(cols['val'][0])} | "
+                 f"{spread(cols['test'][0])} | – | – |")
+    lines.append(f"| ensemble of the {len(gens)} (mean probabilities) | – | {cols['val'][1]} | "
+                 f"{cols['test'][1]} | 100 % | 100 % |")
+    for group, names in groups.items():
+        cells = []
+        kept = []
+        for split, i, y in (("val", 0, y_val), ("test", 1, y_test)):
+            ours = [errors(models[n][i], y) for n in names]
+            cells.append(spread(ours))
+            single, ens = statistics.mean(cols[split][0]), cols[split][1]
+            kept.append("no gain to keep" if single <= ens else
+                        f"{100 * (single - statistics.mean(ours)) / (single - ens):.0f} %")
+        lines.append(f"| students {group} (see the config) | {len(names)} | {cells[0]} | "
+                     f"{cells[1]} | {kept[0]} | {kept[1]} |")
+    return lines
 
 
 def main() -> None:
@@ -86,17 +179,19 @@ def main() -> None:
         return errors(models[name][1], y_test)
 
     threes = y_test == 3
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
     lines = [f"# The paper's MNIST table from {args.config}", "",
              f"Run: `ensemble run {args.config} --run-dir {run_dir}"
              f"{''.join(' --set ' + o for o in args.set)}` (then analysed by "
              f"`python benchmarks/paper_mnist.py`); hardware: "
              f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch "
              f"{torch.__version__}; git commit "
-             f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True, cwd=ROOT).stdout.strip()}. "
-             f"Test errors out of {len(y_test):,}; every model at its best epoch by validation; "
-             f"trained on {len(splits.train_y):,} images ({len(splits.val_y):,} held out for "
-             "validation; the paper used all 60,000). Wall time is each model's own training "
-             "and evaluation time.", "",
+             f"{commit}. Test errors out of {len(y_test):,}; every model at its best epoch by "
+             f"validation; the training split holds {len(splits.train_y):,} images "
+             f"({len(splits.val_y):,} held out for validation; the paper used all 60,000), of "
+             "which a student filtered or subsampled by its config sees fewer. Wall time is each "
+             "model's own training and evaluation time.", "",
              "| experiment | paper | ours | epochs | wall time | note |",
              "|---|---:|---:|---:|---:|---|"]
     teacher = next(n for n in models if n.startswith("generalist-"))
@@ -139,54 +234,40 @@ def main() -> None:
     known = {"student-hard", "student-distilled", "student-no3", "student-only78"}
     for name in models:  # any other student: a variant of the recipe (configs/paper/*.yaml)
         if name.startswith("student-") and name not in known and \
-                not re.fullmatch(r"student-w\d+-T[\d_]+", name):
+                not GRID.fullmatch(name):
             last = models[name][2]["history"][-1]
             lines.append(row(f"{name[len('student-'):]} (see the config)", "–", name,
                              test_errors(name), f"{errors(models[name][0], y_val)} on "
                              f"validation; last epoch {last['test_errors']} "
                              f"({last['val_errors']} on validation)"))
 
-    grid = {}
+    grid: dict[tuple[int, float], list[str]] = {}  # (width, T) -> its seeds' students
     for name in models:
-        m = re.fullmatch(r"student-w(\d+)-T([\d_]+)", name)
+        m = GRID.fullmatch(name)
         if m:
-            grid[(int(m.group(1)), float(m.group(2).replace("_", ".")))] = name
+            grid.setdefault((int(m.group(1)), float(m.group(2).replace("_", "."))), []).append(name)
     if grid:
-        widths = sorted({w for w, _ in grid})
-        temps = sorted({t for _, t in grid})
-        lines += ["", "## Temperature x width (test errors; validation errors in brackets; "
-                      "the best T per width by validation in bold)", "",
-                  "paper: students of 300 or more units did about equally well for any T > 8; "
-                  "30-unit students did best at T = 2.5-4.", "",
-                  "| width | " + " | ".join(f"T={t:g}" for t in temps) + " | epochs |",
-                  "|---:|" + "---:|" * len(temps) + "---:|"]
-        for w in widths:
-            cells, best = [], min((errors(models[grid[(w, t)]][0], y_val), t)
-                                  for t in temps if (w, t) in grid)[1]
-            for t in temps:
-                if (w, t) not in grid:
-                    cells.append("–")
-                    continue
-                val, test, _ = models[grid[(w, t)]]
-                cell = f"{errors(test, y_test)} ({errors(val, y_val)})"
-                cells.append(f"**{cell}**" if t == best else cell)
-            epochs = models[grid[(w, temps[0])]][2]["epoch"]
-            lines.append(f"| {w} | " + " | ".join(cells) + f" | {epochs} |")
-    teacher_history = models[teacher][2]["history"]
-    histories = {"teacher": teacher_history}
+        lines += grid_section(grid, models, y_val, y_test, Path(args.out))
+    generalists = [n for n in models if n.startswith("generalist-")]
+    if len(generalists) > 1:
+        lines += ensemble_section(models, y_val, y_test)
+    histories = {"teacher" if len(generalists) == 1 else name: models[name][2]["history"]
+                 for name in generalists}
+    teacher_seconds = sum(r["seconds"] for h in histories.values() for r in h)
     offsets = {}
-    for name in ("student-hard", "student-distilled"):
-        if name in models:
+    for name in models:
+        if name in ("student-hard", "student-distilled") or \
+                re.fullmatch(r"student-.+-s\d+", name) and len(generalists) > 1:
             histories[name] = models[name][2]["history"]
-            if name != "student-hard":  # a distilled student needs its teacher first
-                offsets[name] = sum(r["seconds"] for r in teacher_history)
+            if name != "student-hard":  # a distilled student needs its teachers first
+                offsets[name] = teacher_seconds
     figure = Path(args.out).with_suffix(".png")
     figure.parent.mkdir(parents=True, exist_ok=True)
     figure.write_bytes(figures.errors_vs_time(histories, offsets))
     lines += ["", f"![test errors against CPU hours]({figure.name})", "",
               "Test errors per epoch against the CPU time spent so far (each model's own "
               "training and evaluation seconds, on one core each; a distilled student's line "
-              "starts where its teacher's ends)."]
+              "starts where its teachers' end: all of their seconds summed)."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
