@@ -33,6 +33,7 @@ from ensemble.train import model_from_checkpoint, predict_logits
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTS = torch.arange(0.0, 15.01, 0.25)  # bias shifts tried, in logits
 GRID = re.compile(r"student-w(\d+)-T([\d_]+)(?:-s\d+)?")  # the T x width study, seeds -s<k>
+SEEDED = re.compile(r"student-(.+)-s\d+")  # seed k of a recipe: its group is the middle part
 
 
 def errors(logits: torch.Tensor, y: torch.Tensor) -> int:
@@ -105,7 +106,7 @@ def ensemble_section(models: dict, y_val: torch.Tensor, y_test: torch.Tensor) ->
     gens = [n for n in models if n.startswith("generalist-")]
     groups: dict[str, list[str]] = {}
     for name in models:
-        m = re.fullmatch(r"student-(.+)-s\d+", name)
+        m = SEEDED.fullmatch(name)
         if m and not GRID.fullmatch(name):
             groups.setdefault(m.group(1), []).append(name)
     lines = ["", f"## An ensemble of {len(gens)} generalists and students distilled from it", "",
@@ -257,7 +258,7 @@ def main() -> None:
     offsets = {}
     for name in models:
         if name in ("student-hard", "student-distilled") or \
-                re.fullmatch(r"student-.+-s\d+", name) and len(generalists) > 1:
+                (len(generalists) > 1 and SEEDED.fullmatch(name)):
             histories[name] = models[name][2]["history"]
             if name != "student-hard":  # a distilled student needs its teachers first
                 offsets[name] = teacher_seconds
