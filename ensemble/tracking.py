@@ -142,6 +142,7 @@ class Tracker:
         # CLI may run on a thread that outlives the main one (tests/multinode.py)
         thread = threading.Thread(target=self._image, args=(model, tag, draw, step),
                                   name="figure")
+        self._pending = [t for t in self._pending if t.is_alive()]  # drop the figures drawn
         self._pending.append(thread)
         thread.start()
 

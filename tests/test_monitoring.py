@@ -80,6 +80,28 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
     assert lines[1].endswith("ETA 0:12")
 
 
+def test_figures_drawn_are_let_go_and_a_failed_one_raises_at_close(tmp_path):
+    import PIL.Image
+
+    def png():
+        out = io.BytesIO()
+        PIL.Image.new("RGB", (4, 4)).save(out, format="PNG")
+        return out.getvalue()
+
+    def broken():
+        raise ValueError("no figure")
+
+    tracker = Tracker(tmp_path / "tb", out=io.StringIO())
+    tracker.image("run", "broken", broken)
+    for step in range(20):  # a long run draws one per finished model: none may pile up
+        tracker.image("run", "figure", png, step)
+        tracker._pending[-1].join()
+    assert len(tracker._pending) <= 2
+    with pytest.raises(ValueError, match="no figure"):
+        tracker.close()
+    assert len(tb_events(tmp_path / "tb" / "run").Images("figure")) == 20
+
+
 def tb_events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
