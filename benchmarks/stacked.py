@@ -9,6 +9,11 @@ at T in {1, 2, 2.5, 3, 4, 6, 8, 20}, each with its own seed, on MNIST's 50,000 t
 here: its quality does not change what a student's step costs. Both ways time only the epochs
 (each includes every member's evaluation on validation and test), not building the students.
 The per-member results of the two ways are compared: weights and validation errors.
+
+A floor for the stacked way: the same run's matrix multiplications alone (each step's batched
+forward, weight-gradient and input-gradient matmuls, and the evaluations' matmuls, on random
+tensors of the same shapes, timed here), with nothing around them. One after the other's seconds
+over that floor is the most stacking could gain on these cores in fp32.
 """
 from __future__ import annotations
 
@@ -24,10 +29,47 @@ from ensemble.config import DataConfig, ModelConfig, StudentConfig, TrainConfig
 from ensemble.data import load_splits
 from ensemble.distill import Student
 from ensemble.stacked import StackedStudents
-from ensemble.train import Trainer
+from ensemble.train import EVAL_BATCH, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURES = (1.0, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 20.0)
+
+
+def matmul_floor(members: int, widths: list[int], batch: int, steps: int, evaluated: int,
+                 repeats: int = 50) -> float:
+    """Seconds the stacked run's matmuls take alone: `steps` training steps of `members` MLPs of
+    layer widths `widths` (input first) at `batch`, and `evaluated` images through all of them."""
+    layers = list(zip(widths[:-1], widths[1:]))
+    x = [torch.randn(members, batch, i) for i, _ in layers]
+    g = [torch.randn(members, batch, o) for _, o in layers]
+    w = [torch.randn(members, i, o) for i, o in layers]
+    b = [torch.randn(members, 1, o) for _, o in layers]
+
+    def step():
+        for k in range(len(layers)):
+            torch.baddbmm(b[k], x[k], w[k])  # forward
+            torch.bmm(x[k].transpose(1, 2), g[k])  # weight gradient
+            if k:
+                torch.bmm(g[k], w[k].transpose(1, 2))  # input gradient (none for the images)
+
+    chunk = EVAL_BATCH
+    first = torch.randn(widths[0], members * widths[1])
+    images = torch.randn(chunk, widths[0])
+    h = [torch.randn(members, chunk, i) for i, _ in layers[1:]]
+
+    def evaluate():  # as StackedStudents._predict: one shared first layer, then batched
+        images @ first
+        for k, (i, o) in enumerate(layers[1:], 1):
+            torch.baddbmm(b[k], h[k - 1], w[k])
+
+    def seconds(fn, n):
+        fn()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - start) / n
+
+    return seconds(step, repeats) * steps + seconds(evaluate, 5) * evaluated / chunk
 
 
 def main() -> None:
@@ -73,6 +115,9 @@ def main() -> None:
         rows.append(f"| {a.name} | {b.history[-1]['val_errors']} | {a.history[-1]['val_errors']} "
                     f"| {diff:.1e} |")
     ratio = alone_seconds / stacked_seconds
+    steps = -(-len(splits.train_y) // train.batch_size) * args.epochs
+    floor = matmul_floor(len(cfgs), [784, 300, 300, 10], train.batch_size, steps,
+                         (len(splits.val_y) + len(splits.test_y)) * args.epochs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     samples = len(splits.train_y) * args.epochs * len(cfgs)
@@ -95,6 +140,11 @@ def main() -> None:
         f"GFLOP/s: {gflop:.0f} GFLOP (6 x multiply-adds per training example, 2 x per evaluated "
         "one) over the seconds; results/throughput.md has this machine's matmul peak.", "",
         f"stacked_vs_one_by_one: {ratio:.2f} (target >= 2)", "",
+        f"The stacked run's matmuls alone (same shapes, same count, timed here): {floor:.1f} s "
+        f"({gflop / floor:.0f} GFLOP/s), {floor / stacked_seconds:.0%} of the stacked run; so "
+        f"stacking could gain at most {alone_seconds / floor:.2f}x on these cores in fp32.", "",
+        f"matmul_floor_seconds: {floor:.1f}", f"ceiling_vs_one_by_one: {alone_seconds / floor:.2f}",
+        "",
         "Per student after the last epoch (validation errors of 10,000):", "",
         "| student | one by one | stacked | max weight difference |", "|---|---:|---:|---:|",
         *rows, "", f"max_weight_difference: {worst:.1e}", ""])

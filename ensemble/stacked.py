@@ -24,7 +24,7 @@ from ensemble.config import StudentConfig, to_dict
 from ensemble.distill import Student
 from ensemble.data import Splits
 from ensemble.errors import ConfigError
-from ensemble.train import EVAL_BATCH
+from ensemble.train import EVAL_BATCH, sgd
 
 
 def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
@@ -99,8 +99,7 @@ class StackedStudents:
         biases = [torch.stack([ls[i].bias.detach() for ls in layers]).requires_grad_()
                   for i in range(len(layers[0]))]  # (N, out)
         params = [p for pair in zip(weights, biases) for p in pair]
-        opt = torch.optim.SGD(params, lr=lr, momentum=self.cfg.momentum,
-                              weight_decay=self.cfg.weight_decay, foreach=True)
+        opt = sgd(params, self.cfg, lr)
         own = [[p for layer in ls for p in (layer.weight, layer.bias)] for ls in layers]
         if all(m.opt.state.get(own[k][0]) for k, m in enumerate(members)):
             for j, p in enumerate(params):  # the momentum each member had
