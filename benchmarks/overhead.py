@@ -9,6 +9,11 @@ every epoch's own seconds. Per stage, the model that took longest sets the stage
 path: its training seconds count as training, its evaluation as evaluation, and the rest of the
 stage's wall time (starting actors, moving data and checkpoints, the driver's writing) as
 overhead. Target (issue 8): everything but training <= 20 % of the wall time.
+
+Then Ray's own costs, measured here in this process, which no change to the pipeline removes:
+starting a local Ray (as the CLI does, and without its dashboard), two actors on the workers Ray
+starts with it, two more once those have ended (a new stage: fresh worker processes, each
+importing torch), and stopping Ray.
 """
 from __future__ import annotations
 
@@ -23,6 +28,54 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"generalists": "generalist", "specialists": "specialist", "students": "student"}
+
+
+def ray_costs() -> dict[str, float]:
+    """Seconds of Ray's own steps on this machine: a local Ray started as `ensemble run` starts
+    one (with its dashboard) and without the dashboard, actors on prestarted and on fresh
+    workers, and stopping Ray."""
+    import logging
+
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Idle:
+        def ready(self):
+            return True
+
+    def start(dashboard: bool) -> float:
+        temp = tempfile.mkdtemp(prefix="ray-")
+        begin = time.perf_counter()
+        ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=dashboard,
+                 logging_level=logging.WARNING, _node_ip_address="127.0.0.1",
+                 _system_config={"preload_python_modules": ["ensemble.actors"]})
+        return time.perf_counter() - begin, temp
+
+    def actors() -> float:
+        begin = time.perf_counter()
+        pair = [Idle.remote() for _ in range(2)]
+        ray.get([a.ready.remote() for a in pair])
+        seconds = time.perf_counter() - begin
+        for actor in pair:
+            ray.kill(actor, no_restart=True)
+        return seconds
+
+    def stop(temp) -> float:
+        begin = time.perf_counter()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        return time.perf_counter() - begin
+
+    costs = {}
+    costs["ray start, with the dashboard"], temp = start(True)
+    time.sleep(5)  # the workers Ray starts with it import torch
+    costs["two actors on the workers Ray started"] = actors()
+    time.sleep(2)
+    costs["two actors after those ended (fresh workers)"] = actors()
+    costs["ray stop"] = stop(temp)
+    costs["ray start, without the dashboard"], temp = start(False)
+    stop(temp)
+    return costs
 
 
 def main() -> None:
@@ -77,6 +130,19 @@ def main() -> None:
               f"training_seconds: {training:.1f}", f"evaluation_seconds: {evaluation:.1f}",
               f"not_training_seconds: {not_training:.1f}",
               f"not_training_share: {not_training / wall:.2f} (target <= 0.20)", ""]
+    costs = ray_costs()
+    stages = [stage for stage in STAGES if stage in timings]
+    floor = (costs["ray start, with the dashboard"] + costs["ray stop"]
+             + costs["two actors after those ended (fresh workers)"] * (len(stages) - 1))
+    lines += ["## Ray's own costs on this machine", "",
+              "Measured after the run, in this process (actors that do nothing; 2 CPUs):", "",
+              "| step | seconds |", "|---|---:|"]
+    lines += [f"| {step} | {seconds:.1f} |" for step, seconds in costs.items()]
+    lines += ["", f"Starting Ray with its dashboard, fresh actors for each stage after the first "
+              f"({len(stages)} stages here) and stopping Ray take {floor:.1f} s whatever the "
+              f"pipeline does: {floor / wall:.0%} of this run's wall time, before any evaluation, "
+              "data or checkpoint moves.", "", f"ray_floor_seconds: {floor:.1f}",
+              f"ray_floor_share: {floor / wall:.2f}", ""]
     Path(args.out).write_text("\n".join(lines))
     print("\n".join(lines))
 
