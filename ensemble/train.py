@@ -70,7 +70,8 @@ def confusion_matrix(y: torch.Tensor, predicted: torch.Tensor, classes: int) -> 
 
 def sgd(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.SGD:
     """SGD with momentum as `cfg` asks, fused: one pass over each parameter, its gradient and
-    momentum per step instead of several, with the same arithmetic as torch's per-tensor loop.
+    momentum per step instead of several: torch's update, rounded differently in the last bits
+    (which training amplifies, as it does any rounding: runs differ from unfused ones).
     Stacked students feel it most: outside their matmuls a step is bound by memory."""
     return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, fused=True)
