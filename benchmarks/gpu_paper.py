@@ -2,7 +2,8 @@
 time projected from them (issue 8: the full table in <= 10 minutes on one H100).
 
     python benchmarks/gpu_paper.py [--config configs/paper/mnist.yaml] [--data-dir DIR]
-        [--epochs 3] [--deadline-s 420] [--device auto] [--out results/gpu_paper.md]
+        [--epochs 3] [--deadline-s 420] [--device auto] [--precision config|fp32|bf16]
+        [--out results/gpu_paper.md]
 
 No Ray: the trainers run as the actors would run them, with every split resident on the device
 (batches are indexed there; nothing crosses from the host per step). It times `--epochs` epochs
@@ -56,10 +57,16 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=420.0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")
+    parser.add_argument("--precision", choices=("config", "fp32", "bf16"), default="config",
+                        help="every model in this precision (default: as the config says)")
     parser.add_argument("--out", default=str(ROOT / "results" / "gpu_paper.md"))
     args = parser.parse_args()
     deadline = time.perf_counter() + args.deadline_s
-    cfg = load_config(args.config if Path(args.config).exists() else ROOT / args.config)
+    path = args.config if Path(args.config).exists() else ROOT / args.config
+    cfg = load_config(path)
+    if args.precision != "config":
+        cfg = load_config(path, [f"generalists.train.precision={args.precision}"] + [
+            f"students.{name}.train.precision={args.precision}" for name in cfg.students])
     device = pick_device(args.device)
     splits = load_splits(cfg.data, args.data_dir)
     gen = cfg.generalists
@@ -98,7 +105,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     lines = [f"# The paper's MNIST table on {name}: epoch times and projection", "",
-             f"`python benchmarks/gpu_paper.py --config {args.config} --epochs {args.epochs}`; "
+             f"`python benchmarks/gpu_paper.py --config {args.config} --epochs {args.epochs} "
+             f"--precision {args.precision}`; "
              f"torch {torch.__version__}, git commit {commit}; every split resident on "
              f"{device.type}.", "",
              "| model | epoch | seconds (training + evaluation) | errors (val / test) |",

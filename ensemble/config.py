@@ -72,8 +72,8 @@ class TrainConfig:
     jitter: int = 0  # random translation of each image by up to this many pixels; §3 teacher: 2
     shuffle: bool = True  # a fresh order each epoch; false: the data set's order, every epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, weights and optimiser
-    #   state stay fp32; for GPUs and AVX-512 BF16 CPUs (this project's 2-core CI host has no
-    #   AVX-512: bf16 matmuls ran there at 2 GFLOP/s against 80 in fp32)
+    #   state stay fp32; for GPUs and AVX-512 BF16 / AMX CPUs (elsewhere torch emulates bf16:
+    #   benchmarks/precision.py measures it, results/precision.md)
     compile: bool = False  # torch.compile the training forward pass; eager again, with one
     #   warning, if compiling fails (results/compile.md: what it gained on this CPU)
 
