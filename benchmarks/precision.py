@@ -132,7 +132,8 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     say("# bf16 against fp32")
     say()
-    say(f"`python benchmarks/precision.py{' --parity' if args.parity else ''}`; {where}; torch "
+    flags = (" --parity" if args.parity else "") + (" --force" if args.force else "")
+    say(f"`python benchmarks/precision.py{flags}`; {where}; torch "
         f"{torch.__version__}; git commit {commit}.")
     say()
     fp32, bf16 = (matmul_rate(device, dtype) for dtype in (torch.float32, torch.bfloat16))
