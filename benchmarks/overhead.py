@@ -43,7 +43,7 @@ def ray_costs() -> dict[str, float]:
         def ready(self):
             return True
 
-    def start(dashboard: bool) -> float:
+    def start(dashboard: bool) -> tuple[float, str]:
         temp = tempfile.mkdtemp(prefix="ray-")
         begin = time.perf_counter()
         ray.init(num_cpus=2, _temp_dir=temp, include_dashboard=dashboard,
