@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,9 @@ import torch
 from ensemble.config import load_config
 from ensemble.data import load_splits, transfer_mask
 from ensemble.distill import Student
+from ensemble.errors import ConfigError
 from ensemble.train import Trainer, pick_device
+from precision import precision_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,10 +66,12 @@ def main() -> None:
     args = parser.parse_args()
     deadline = time.perf_counter() + args.deadline_s
     path = args.config if Path(args.config).exists() else ROOT / args.config
-    cfg = load_config(path)
-    if args.precision != "config":
-        cfg = load_config(path, [f"generalists.train.precision={args.precision}"] + [
-            f"students.{name}.train.precision={args.precision}" for name in cfg.students])
+    try:
+        cfg = load_config(path)
+        if args.precision != "config":
+            cfg = load_config(path, precision_sets(cfg, args.precision))
+    except ConfigError as err:
+        sys.exit(str(err))
     device = pick_device(args.device)
     splits = load_splits(cfg.data, args.data_dir)
     gen = cfg.generalists

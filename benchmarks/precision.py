@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ensemble.config import load_config
+from ensemble.config import RunConfig, load_config
+from ensemble.errors import ConfigError
 from ensemble.train import Trainer, pick_device
-from throughput import MODEL, flops_per_sample, load_plain_loop, splits, train_cfg
+from throughput import MODEL, flops_per_sample, load_plain_loop, matmul_peak, splits, train_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,33 +50,19 @@ def cpu_bf16_support() -> str:
     return ", ".join(found) if found else "none of avx512f, avx512_bf16, amx_bf16"
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024,
-                repeats: int = 5, budget_s: float = 20.0) -> float:
-    """Best GFLOP/s of an n x n matmul in `dtype`; fewer repeats where each is slow."""
-    a = torch.rand(n, n, device=device).to(dtype)
-    b = torch.rand(n, n, device=device).to(dtype)
-    best, spent = 0.0, 0.0
-    for _ in range(repeats + 1):  # the first one warms up
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        best = max(best, 2 * n ** 3 / seconds / 1e9)
-        spent += seconds
-        if spent > budget_s:
-            break
-    return best
+def precision_sets(cfg: RunConfig, precision: str) -> list[str]:
+    """`--set` overrides that put every model of `cfg` in `precision`."""
+    sets = [f"generalists.train.precision={precision}"] + [
+        f"students.{name}.train.precision={precision}" for name in cfg.students]
+    if cfg.specialists.k:
+        sets.append(f"specialists.train.precision={precision}")
+    return sets
 
 
 def parity(config: str, seeds: int, data_dir: str | None, precision: str) -> dict:
     """{model: [(val errors, test errors), ...] over seeds} for runs of `config` in `precision`,
     and the runs' wall seconds."""
-    cfg = load_config(config)
-    sets = [f"generalists.train.precision={precision}"] + [
-        f"students.{name}.train.precision={precision}" for name in cfg.students]
-    if cfg.specialists.k:
-        sets.append(f"specialists.train.precision={precision}")
+    sets = precision_sets(load_config(config), precision)
     results, seconds = {}, []
     for seed in range(seeds):
         scratch = Path(tempfile.mkdtemp(prefix="precision-"))
@@ -118,6 +105,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=str(ROOT / "results" / "precision.md"))
     args = parser.parse_args()
+    if args.parity:
+        try:  # a bad config: one sentence now, not a traceback after the speed measurements
+            load_config(args.config)
+        except ConfigError as err:
+            sys.exit(str(err))
     device = pick_device(args.device)
     lines, figures = [], {}
 
@@ -136,7 +128,8 @@ def main() -> None:
     say(f"`python benchmarks/precision.py{flags}`; {where}; torch "
         f"{torch.__version__}; git commit {commit}.")
     say()
-    fp32, bf16 = (matmul_rate(device, dtype) for dtype in (torch.float32, torch.bfloat16))
+    fp32, bf16 = (matmul_peak(torch.get_num_threads(), (1024,), dtype=dtype,
+                              device=str(device)) for dtype in (torch.float32, torch.bfloat16))
     say(f"1024 x 1024 matmul: fp32 {fp32:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s "
         f"({bf16 / fp32:.2f}x)")
     figures["bf16_vs_fp32_matmul"] = bf16 / fp32

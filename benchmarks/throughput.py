@@ -62,16 +62,19 @@ def flops_per_sample(hidden=HIDDEN, inputs=784, classes=10) -> float:
     return 6.0 * macs  # forward 2 flops per multiply-add, backward twice the forward
 
 
-def matmul_peak(threads: int, sizes=(1024, 2048), repeats: int = 5) -> float:
-    """Best single fp32 matmul rate over a few square sizes, in GFLOP/s (the machine's ceiling)."""
+def matmul_peak(threads: int, sizes=(1024, 2048), repeats: int = 5,
+                dtype: torch.dtype = torch.float32, device: str = "cpu") -> float:
+    """Best single matmul rate over a few square sizes, in GFLOP/s (the machine's ceiling)."""
     torch.set_num_threads(threads)
     best = 0.0
     for n in sizes:
-        a, b = torch.rand(n, n), torch.rand(n, n)
+        a, b = (torch.rand(n, n, device=device).to(dtype) for _ in range(2))
         a @ b
         for _ in range(repeats):
             start = time.perf_counter()
             a @ b
+            if a.is_cuda:
+                torch.cuda.synchronize()
             best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
     return best
 
