@@ -70,6 +70,8 @@ class TrainConfig:
     schedule: Literal["constant", "cosine", "exponential"] = "cosine"  # per-epoch learning-rate rule
     lr_decay: float = 0.95  # per-epoch factor of the exponential schedule (2012 used 0.998 over 3000)
     jitter: int = 0  # random translation of each image by up to this many pixels; §3 teacher: 2
+    elastic: float = 0.0  # elastic distortion's strength alpha (Simard et al. 2003: 34), 0: off
+    elastic_sigma: float = 4.0  # the smoothness of its displacement field, in pixels (Simard: 4)
     shuffle: bool = True  # a fresh order each epoch; false: the data set's order, every epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, weights and optimiser
     #   state stay fp32; for GPUs and AVX-512 BF16 / AMX CPUs (elsewhere torch emulates bf16:
@@ -85,6 +87,10 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _require(0.0 < self.lr_decay <= 1.0, "lr_decay", "must be in (0, 1]", self.lr_decay)
         _require(0 <= self.jitter <= 8, "jitter", "must be between 0 and 8 pixels", self.jitter)
+        _require(0 <= self.elastic <= 100, "elastic", "must be between 0 (off) and 100",
+                 self.elastic)
+        _require(0.5 <= self.elastic_sigma <= 10, "elastic_sigma",
+                 "must be between 0.5 and 10 pixels", self.elastic_sigma)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble.config import StudentConfig
-from ensemble.data import Splits, transfer_mask, translate
+from ensemble.data import Splits, augment, transfer_mask
 from ensemble.errors import TrainingError
 from ensemble.train import EVAL_BATCH, Trainer, model_from_checkpoint
 
@@ -92,11 +92,12 @@ class Student(Trainer):
             models = [model_from_checkpoint(blob, self.device)[0] for blob in teachers]
             self.teacher = Teacher(models, cfg.teacher_mean)
         if self.teacher is not None:
-            if cfg.train.jitter == 0:  # a fixed transfer set: its soft targets are computed once
+            if cfg.train.jitter == 0 and cfg.train.elastic == 0:  # a fixed transfer set: its
+                # soft targets are computed once
                 self.targets = self.teacher.probs(self.x, self.temperature)
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        xb = translate(self.x[idx], self.cfg.jitter, self.batches)
+        xb = augment(self.x[idx], self.cfg, self.batches)
         logits = self.forward(xb)
         if self.teacher is None:
             return F.cross_entropy(logits, self.y[idx])

@@ -29,13 +29,13 @@ from ensemble.train import EVAL_BATCH, sgd
 
 def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
     """Why these students cannot train as one stacked model, or None if they can: the same
-    MLP without dropout, the same training recipe without jitter, the same transfer set."""
+    MLP without dropout, the same training recipe without augmentation, the same transfer set."""
     first = cfgs[0]
     for cfg in cfgs:
         if cfg.model.kind != "mlp" or cfg.model.dropout_in or cfg.model.dropout_hidden:
             return "stacked students must be MLPs without dropout"
-        if cfg.train.jitter:
-            return "stacked students must train without jitter"
+        if cfg.train.jitter or cfg.train.elastic:
+            return "stacked students must train without jitter or elastic distortion"
         if to_dict(cfg.model) != to_dict(first.model):
             return "stacked students must share one model shape"
         if to_dict(cfg.train) != to_dict(first.train):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble.data import to_device, translate
+from ensemble.data import augment, to_device
 from ensemble.errors import DataError
 from ensemble.train import Trainer
 
@@ -63,7 +63,7 @@ class StreamTrainer(Trainer):
 
     def batch_loss(self, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.forward(translate(x, self.cfg.jitter, self.batches)), y)
+        return F.cross_entropy(self.forward(augment(x, self.cfg, self.batches)), y)
 
     @staticmethod
     def batch_size_of(batch) -> int:

@@ -4,7 +4,7 @@ jitter, evaluation each epoch, best-on-validation tracking, and checkpoints as b
 Pure PyTorch: a `Trainer` runs in any process; `ensemble.actors` makes it a Ray actor unchanged.
 Resume is exact: a trainer restored from the checkpoint of epoch e and trained on gives the same
 weights, bit for bit on CPU, as one that never stopped (same seed and thread count), because all
-randomness (batch order, jitter, dropout) comes from RNG states that the checkpoint carries.
+randomness (batch order, jitter, distortion, dropout) comes from RNG states that the checkpoint carries.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
-from ensemble.data import Splits, labels_to_device, to_device, translate
+from ensemble.data import Splits, augment, labels_to_device, to_device
 from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters
 
@@ -107,7 +107,7 @@ class Trainer:
         if len(self.x) == 0 and not self.streams:
             raise TrainingError(f"{name} has no training examples")
         self.opt = sgd(self.model.parameters(), train_cfg)
-        # batch order and jitter draw from their own generator; dropout from torch's global one,
+        # batch order and augmentation draw from their own generator; dropout from the global one,
         # whose state this trainer keeps and restores around each epoch
         self.batches = torch.Generator(self.device).manual_seed(seed + 1)
         self.rng_cpu = torch.get_rng_state()
@@ -160,7 +160,7 @@ class Trainer:
     # ------------------------------------------------------------ one epoch ----------------------
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean loss of the training examples at `idx` (B,) -> ()."""
-        xb = translate(self.x[idx], self.cfg.jitter, self.batches)
+        xb = augment(self.x[idx], self.cfg, self.batches)
         return F.cross_entropy(self.forward(xb), self.y[idx])
 
     def train_epoch(self) -> dict:

@@ -36,6 +36,8 @@ def test_nested_partial_sections_keep_their_defaults():
     ({"data": {"name": "imagenet"}}, "data.name must be one of"),
     ({"generalists": {"resources": {"num_gpus": 1.5}}}, "whole number"),
     ({"generalists": {"train": {"jitter": True}}}, "must be an integer"),
+    ({"generalists": {"train": {"elastic": -1}}}, "elastic must be between 0"),
+    ({"students": {"s": {"train": {"elastic_sigma": 0}}}}, "elastic_sigma must be between"),
     ({"generalists": {"model": {"hidden": []}}}, "non-empty"),
     ({"generalists": {"model": {"dropout_in": 1.0}}}, r"in \[0, 1\)"),
     ({"data": 3}, "data must be a mapping"),

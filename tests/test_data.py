@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ensemble.config import DataConfig
-from ensemble.data import load_splits, read_idx, transfer_mask, translate, write_idx
+from ensemble.data import distort, load_splits, read_idx, transfer_mask, translate, write_idx
 from ensemble.errors import DataError
 from tests.conftest import synthetic_digits, write_mnist_like
 
@@ -89,6 +89,38 @@ def test_translate_fills_with_zeros_and_keeps_content():
         matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                    if torch.equal(out[b], _shift(x[b], dy, dx))]
         assert len(matches) == 1
+
+
+def test_distort_is_a_gaussian_smoothed_random_warp():
+    x = torch.rand(5, 1, 12, 10)
+    out = distort(x, 8.0, 2.0, torch.Generator().manual_seed(4))
+    # the same draw, smoothed the textbook way: a 2-D Gaussian convolution, zeros past the edges
+    field = torch.rand((5, 2, 12, 10), generator=torch.Generator().manual_seed(4)) * 2 - 1
+    t = torch.arange(-12, 13, dtype=torch.float32)
+    k = torch.exp(-t ** 2 / 8)
+    kernel = (k[:, None] * k[None, :] / k.sum() ** 2).view(1, 1, 25, 25)
+    field = torch.nn.functional.conv2d(field.view(10, 1, 12, 10), kernel, padding=12)
+    field = field.view(5, 2, 12, 10) * 8.0
+    ys, xs = torch.meshgrid(torch.arange(12.0), torch.arange(10.0), indexing="ij")
+    grid = torch.stack(((xs + field[:, 0] + 0.5) / 5 - 1, (ys + field[:, 1] + 0.5) / 6 - 1), -1)
+    expected = torch.nn.functional.grid_sample(x, grid, align_corners=False)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert field.abs().max() > 0.5  # a warp that moves pixels, not a near-identity
+
+
+def test_distort_off_seeded_and_per_image():
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 6:22, 12:16] = 1.0  # a bar, as in a 1
+    assert distort(x, 0.0, 4.0, torch.Generator()) is x
+    a = distort(x, 34.0, 4.0, torch.Generator().manual_seed(0))
+    b = distort(x, 34.0, 4.0, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert not torch.equal(a, distort(x, 34.0, 4.0, torch.Generator().manual_seed(1)))
+    assert a.min() >= 0 and a.max() <= 1
+    assert len({tuple(img.flatten().round(decimals=3).tolist()) for img in a}) == 64  # own warps
+    ink = a.sum((1, 2, 3)) / x[0].sum()
+    assert (ink.mean() - 1).abs() < 0.15 and ink.min() > 0.4  # warped, not erased or lost
+    assert (a - x).abs().sum((1, 2, 3)).min() > 1  # every image moved
 
 
 def _shift(img, dy, dx):

@@ -10,7 +10,7 @@ from ensemble.train import Trainer, learning_rate, model_from_checkpoint
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
 TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
-JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, jitter=1)  # every RNG stream in use
+JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, jitter=1, elastic=10.0)  # every RNG stream
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +124,15 @@ def test_small_cnn_trains_on_colour_images(tmp_path):
     assert model(t.x[:4]).shape == (4, 10)
 
 
-def test_student_on_augmented_transfer_set_asks_teacher_each_batch(splits):
+@pytest.mark.parametrize("augmentation", [{"jitter": 1}, {"elastic": 10.0}])
+def test_student_on_augmented_transfer_set_asks_teacher_each_batch(splits, augmentation):
     teacher = Trainer("g", MODEL, TRAIN, splits, seed=0)
     teacher.train_epoch()
     cfg = StudentConfig(model=ModelConfig(hidden=(16,), dropout_in=0, dropout_hidden=0),
-                        train=TrainConfig(epochs=1, batch_size=50, jitter=1), temperature=2.0)
+                        train=TrainConfig(epochs=1, batch_size=50, **augmentation),
+                        temperature=2.0)
     student = Student("s", cfg, splits, [teacher.checkpoint()], seed=1)
-    assert student.targets is None  # jittered inputs: soft targets come on the fly
+    assert student.targets is None  # augmented inputs: soft targets come on the fly
     calls = []
     original = student.teacher.probs
     student.teacher.probs = lambda x, T: calls.append(len(x)) or original(x, T)
