@@ -289,7 +289,7 @@ def distort(x: torch.Tensor, alpha: float, sigma: float, generator: torch.Genera
     zeros outside. One pass on x's device."""
     if alpha == 0:
         return x
-    b, c, h, w = x.shape
+    b, _, h, w = x.shape
     dev = x.device
     def smoothing(n: int) -> torch.Tensor:  # (n, n): a Gaussian filter, zeros past the edges
         t = torch.arange(n, device=dev, dtype=torch.float32)
