@@ -115,6 +115,8 @@ def test_distort_off_seeded_and_per_image():
     a = distort(x, 34.0, 4.0, torch.Generator().manual_seed(0))
     b = distort(x, 34.0, 4.0, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == x.shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 training: the warp stays fp32
+        assert torch.equal(a, distort(x, 34.0, 4.0, torch.Generator().manual_seed(0)))
     assert not torch.equal(a, distort(x, 34.0, 4.0, torch.Generator().manual_seed(1)))
     assert a.min() >= 0 and a.max() <= 1
     assert len({tuple(img.flatten().round(decimals=3).tolist()) for img in a}) == 64  # own warps
