@@ -146,14 +146,14 @@ def main() -> None:
     parser.add_argument("--data-dir")
     parser.add_argument("--out", default=str(ROOT / "results" / "paper_mnist.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config overrides for a new run, as for `ensemble run`")
+                        help="config overrides, as for `ensemble run` (on resume: raised epochs)")
     args = parser.parse_args()
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    command = ["ensemble", "run", args.config, "--run-dir", str(run_dir)]
-    for override in args.set:
+    resumed = run_dir.exists()
+    command = ["ensemble", "run", "--resume", str(run_dir)] if resumed else \
+        ["ensemble", "run", args.config, "--run-dir", str(run_dir)]
+    for override in args.set:  # on resume, only raising epoch counts is accepted
         command += ["--set", override]
-    if run_dir.exists():
-        command = ["ensemble", "run", "--resume", str(run_dir)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     if subprocess.run([sys.executable, "-m", "ensemble.cli", *command[1:]]).returncode != 0:
@@ -183,9 +183,9 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     lines = [f"# The paper's MNIST table from {args.config}", "",
-             f"Run: `ensemble run {args.config} --run-dir {run_dir}"
-             f"{''.join(' --set ' + o for o in args.set)}` (then analysed by "
-             f"`python benchmarks/paper_mnist.py`); hardware: "
+             f"Run: `{' '.join(command[:-2] if args.data_dir else command)}` "
+             f"{'(an earlier run, resumed: what had finished was kept) ' if resumed else ''}"
+             "(then analysed by `python benchmarks/paper_mnist.py`); hardware: "
              f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch "
              f"{torch.__version__}; git commit "
              f"{commit}. Test errors out of {len(y_test):,}; every model at its best epoch by "
