@@ -184,8 +184,8 @@ def main() -> None:
                             text=True, cwd=ROOT).stdout.strip()
     lines = [f"# The paper's MNIST table from {args.config}", "",
              f"Run: `{' '.join(command[:-2] if args.data_dir else command)}` "
-             f"{'(an earlier run, resumed: what had finished was kept) ' if resumed else ''}"
-             "(then analysed by `python benchmarks/paper_mnist.py`); hardware: "
+             f"({'an earlier run resumed, what had finished kept; ' if resumed else ''}"
+             "then analysed by `python benchmarks/paper_mnist.py`); hardware: "
              f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch "
              f"{torch.__version__}; git commit "
              f"{commit}. Test errors out of {len(y_test):,}; every model at its best epoch by "
