@@ -92,8 +92,8 @@ class Student(Trainer):
             models = [model_from_checkpoint(blob, self.device)[0] for blob in teachers]
             self.teacher = Teacher(models, cfg.teacher_mean)
         if self.teacher is not None:
-            if cfg.train.jitter == 0 and cfg.train.elastic == 0:  # a fixed transfer set: its
-                # soft targets are computed once
+            if cfg.train.jitter == 0 and cfg.train.elastic == 0:
+                # an unaugmented transfer set: its soft targets are computed once
                 self.targets = self.teacher.probs(self.x, self.temperature)
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
