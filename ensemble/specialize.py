@@ -17,7 +17,7 @@ from ensemble.errors import TrainingError
 from ensemble.train import EVAL_BATCH, Trainer, confusion_matrix, model_from_checkpoint, \
     pick_device
 from specialists.clustering import affinity, assign_subsets, pair_agreement, prediction_covariance
-from specialists.combine import active_specialists, combine, spread
+from specialists.combine import active_specialists, combine
 from specialists.specialist import (SpecialistNet, draw_batch, dustbin_offset, local_labels,
                                     specialist_output)
 
@@ -121,18 +121,28 @@ class Ensemble:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(p_g (N, C), q (N, C), active (N, M)) for inputs x, in chunks."""
+        """(p_g (N, C), q (N, C), active (N, M)) for inputs x, in chunks. Each specialist sees
+        only the inputs that call on it (about N * top_n / M of them for disjoint subsets)."""
         outs = []
         idx = [torch.tensor(m, device=x.device) for m in self.members]
+        S = torch.zeros(len(idx), self.classes, dtype=torch.bool, device=x.device)
+        for k, members in enumerate(idx):
+            S[k, members] = True
         for i in range(0, len(x), EVAL_BATCH):
             xb = x[i:i + EVAL_BATCH]
             pg = self.teacher.probs(xb, 1.0)
-            if not idx:  # no specialists: the generalists alone
-                outs.append((pg, pg, torch.zeros(len(xb), 0, dtype=torch.bool, device=x.device)))
-                continue
-            probs = [F.softmax(m(xb), 1) for m in self.specialists]
-            P, d, S = spread(probs, idx, self.classes)
             active = active_specialists(pg, S, self.cfg.top_n)
+            if not idx:  # no specialists: the generalists alone
+                outs.append((pg, pg, active))
+                continue
+            P = pg.new_zeros(len(xb), len(idx), self.classes)
+            d = pg.new_zeros(len(xb), len(idx))
+            for k, (model, members) in enumerate(zip(self.specialists, idx)):
+                rows = active[:, k].nonzero().flatten()
+                if len(rows):  # inactive rows keep zeros: eq. 5 ignores them
+                    probs = F.softmax(model(xb[rows]), 1)
+                    P[rows[:, None], k, members] = probs[:, :-1]
+                    d[rows, k] = probs[:, -1]
             q = combine(pg, P, d, S, active, self.cfg.combine_tol, self.cfg.combine_steps)
             outs.append((pg, q, active))
         return tuple(torch.cat(parts) for parts in zip(*outs))

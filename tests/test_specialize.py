@@ -1,12 +1,16 @@
 """The specialist stage without Ray: coordinator, specialist trainer, eq. 5 ensemble, student."""
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ensemble.config import DataConfig, ModelConfig, SpecialistsConfig, StudentConfig, TrainConfig
-from ensemble.data import load_splits
+from ensemble.data import load_splits, to_device
 from ensemble.distill import Student
 from ensemble.specialize import Ensemble, SpecialistTrainer, coordinate, evaluate_ensemble
 from ensemble.train import Trainer, model_from_checkpoint
+from specialists.combine import active_specialists, combine, spread
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.0, dropout_hidden=0.1)
 SPEC = SpecialistsConfig(k=3, train=TrainConfig(epochs=2, batch_size=50, lr=0.1, jitter=1))
@@ -77,3 +81,27 @@ def test_coordinator_ensemble_and_table4(setup):
     ens = Ensemble.from_checkpoints([blob], specs, SPEC, torch.device("cpu"))
     torch.testing.assert_close(student.targets, ens.probs(student.x, 2.0))
     assert student.train_epoch()["loss"] > 0
+
+
+def test_ensemble_runs_each_specialist_on_its_callers_only(setup):
+    """predict gives each specialist only the inputs that call on it; q must equal eq. 5 solved
+    with every specialist's output on every input."""
+    splits, blob = setup
+    specs = []
+    for i, members in enumerate([[0, 6], [3, 5, 8], [4, 7, 9]]):  # 1 and 2 have none
+        t = SpecialistTrainer(f"specialist-{i}", members, blob, SPEC, splits, seed=i)
+        t.train_epoch()
+        specs.append(t.checkpoint())
+    x = to_device(splits.test_x[:300], torch.device("cpu"))
+    for top_n in (1, 2):
+        cfg = dataclasses.replace(SPEC, top_n=top_n)
+        ens = Ensemble.from_checkpoints([blob], specs, cfg, torch.device("cpu"))
+        pg, q, active = ens.predict(x)
+        members = [torch.tensor(m) for m in ens.members]
+        P, d, S = spread([F.softmax(m(x), 1) for m in ens.specialists], members, ens.classes)
+        assert torch.equal(active, active_specialists(pg, S, top_n))
+        assert active.any() and not active.all()
+        if top_n == 1:  # inputs whose top class is 1 or 2 call on no specialist
+            assert not active.any(1).all()
+        torch.testing.assert_close(q, combine(pg, P, d, S, active, cfg.combine_tol,
+                                              cfg.combine_steps))
