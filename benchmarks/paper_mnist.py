@@ -2,7 +2,7 @@
 
     python benchmarks/paper_mnist.py [--config configs/paper/mnist_quick.yaml] [--run-dir DIR]
                                      [--data-dir DIR] [--out results/paper_mnist.md]
-                                     [--set KEY=VALUE ...]
+                                     [--set KEY=VALUE ...] [--pool RUN ...]
 
 Trains the config's teacher and students with `ensemble run` (or resumes the run directory, so a
 finished run is only analysed), then writes a table of paper number vs ours, with epochs and
@@ -11,10 +11,15 @@ students are chosen on the validation split, never on the test set (the paper ch
 -7.6 on test). Students named w<width>-T<t> form the temperature x width study; with several
 generalists, students named <group>-s<k> are seeds of one recipe, set against the generalists'
 ensemble (the paper's claim that a distilled single model keeps 80 % of an ensemble's gain).
+Students of one recipe (config and teachers) that differ only in seed, in this run and in the
+runs named by --pool, are summarised over their seeds.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import os
 import platform
 import re
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ensemble import figures
+from ensemble.config import ResourcesConfig, StudentConfig, to_dict
 from ensemble.data import labels_to_device, load_splits, to_device
 from ensemble.rundir import RunDir
 from ensemble.train import model_from_checkpoint, predict_logits
@@ -67,6 +73,74 @@ def spread(values: list[float]) -> str:
         return f"{values[0]:g}"
     return (f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f} "
             f"({min(values):g}–{max(values):g})")
+
+
+def recipe(cfg: StudentConfig) -> dict:
+    """A student's recipe, less what cannot change what it learns: its resources, and with hard
+    labels alone (alpha 0) everything about soft targets."""
+    cfg = dataclasses.replace(cfg, resources=ResourcesConfig())
+    if not cfg.uses_teacher:
+        cfg = dataclasses.replace(cfg, temperature=1.0, teacher_mean="probs",
+                                  soft_targets="generalists")
+    return to_dict(cfg)
+
+
+def teachers_print(run: RunDir, names: list[str], x: torch.Tensor) -> str:
+    """A fingerprint of a run's teachers: a hash of their logits on x."""
+    digest = hashlib.sha256()
+    for name in names:
+        model, _ = model_from_checkpoint(run.latest(name)[0], x.device)
+        digest.update(predict_logits(model, x).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def student_recipes(run: RunDir, cfg, x: torch.Tensor) -> dict[str, str]:
+    """student name -> a key equal for students trained alike, seeds aside (same recipe, and for
+    distilled students the same teachers: generalists, and specialists where they are used)."""
+    models = run.models()
+    gens = [n for n in models if n.startswith("generalist-")]
+    specs = [n for n in models if n.startswith("specialist-")]
+    prints = {}
+    keys = {}
+    for name, student in cfg.students.items():
+        if f"student-{name}" not in models:
+            continue
+        teachers = ()
+        if student.uses_teacher:
+            teachers = tuple(gens + (specs if student.soft_targets == "ensemble" else []))
+            if teachers not in prints:
+                prints[teachers] = teachers_print(run, list(teachers), x)
+        keys[f"student-{name}"] = json.dumps([recipe(student), prints.get(teachers)],
+                                             sort_keys=True)
+    return keys
+
+
+def seeds_section(runs: list[tuple[str, dict[str, str], dict[str, tuple[int, int]]]]) \
+        -> list[str]:
+    """Students sharing a recipe key across runs (run label, {student: key}, {student: (val,
+    test errors)}), two or more to a group: their errors over seeds."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for label, keys, _ in runs:
+        for name, key in keys.items():
+            groups.setdefault(key, []).append((label, name))
+    found = {label: found for label, _, found in runs}
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return []
+    lines = ["", "## Seeds of one recipe", "",
+             "Students trained alike (the same config but for the seed, from the same teachers) "
+             "in this run and in the runs pooled with it: errors as mean ± sd (min–max) over "
+             "seeds; hard-label students need no teacher, so theirs pool whatever the run.", "",
+             "| recipe | seeds | val errors | test errors | test errors per seed |",
+             "|---|---:|---:|---:|---|"]
+    for members in groups.values():
+        val = [found[label][name][0] for label, name in members]
+        test = [found[label][name][1] for label, name in members]
+        each = ", ".join(f"{name[len('student-'):]} ({label}) {t}"
+                         for (label, name), t in zip(members, test))
+        lines.append(f"| {members[0][1][len('student-'):]} | {len(members)} | {spread(val)} | "
+                     f"{spread(test)} | {each} |")
+    return lines
 
 
 def grid_section(grid: dict[tuple[int, float], list[str]], models: dict, y_val: torch.Tensor,
@@ -158,7 +232,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "results" / "paper_mnist.md"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides, as for `ensemble run` (on resume: raised epochs)")
+    parser.add_argument("--pool", action="append", default=[], metavar="RUN",
+                        help="another run on the same data whose students join this run's seeds "
+                             "of the same recipe and teachers")
     args = parser.parse_args()
+    pools = [RunDir(Path(p)) for p in args.pool]
+    for pool in pools:  # before anything trains
+        if not (pool.path / "config.yaml").is_file():
+            sys.exit(f"--pool {pool.path}: there is no run there")
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     resumed = run_dir.exists()
     command = ["ensemble", "run", "--resume", str(run_dir)] if resumed else \
@@ -253,6 +334,36 @@ def main() -> None:
                              f"validation; last epoch {last['test_errors']} "
                              f"({last['val_errors']} on validation)"))
 
+    combined = run.read_json("ensemble.json")
+    specs = [n for n in models if n.startswith("specialist-")]
+    if combined and specs:
+        lines.append(f"| {teacher_label(cfg).replace('teacher', 'teacher +', 1)} + {len(specs)} "
+                     f"specialists, eq. 5 with top-{combined['top_n']} | – | "
+                     f"{combined['test']['ensemble_errors']} | "
+                     f"{models[specs[0]][2]['epoch']} | "
+                     f"{sum(models[n][2]['summary']['wall_seconds'] for n in specs):.0f} s | "
+                     f"{combined['val']['ensemble_errors']} on validation; the teacher alone "
+                     f"{combined['test']['generalist_errors']} "
+                     f"({combined['val']['generalist_errors']}); specialists' time summed |")
+
+    keys = student_recipes(run, cfg, x_test)
+    found = {n: (errors(models[n][0], y_val), errors(models[n][1], y_test)) for n in keys}
+    pooled = [(run.path.name, keys, found)]
+    for pool in pools:
+        other = pool.load_config()
+        if other.data != cfg.data:
+            sys.exit(f"--pool {pool.path}: its data ({other.data}) differ from this run's "
+                     f"({cfg.data})")
+        theirs = {n: k for n, k in student_recipes(pool, other, x_test).items()
+                  if k in keys.values()}
+        errs = {}
+        for name in theirs:
+            model, _ = model_from_checkpoint(pool.latest(name)[0], dev)
+            errs[name] = (errors(predict_logits(model, x_val), y_val),
+                          errors(predict_logits(model, x_test), y_test))
+        pooled.append((pool.path.name, theirs, errs))
+    lines += seeds_section(pooled)
+
     grid: dict[tuple[int, float], list[str]] = {}  # (width, T) -> its seeds' students
     for name in models:
         m = GRID.fullmatch(name)
@@ -266,6 +377,7 @@ def main() -> None:
     histories = {"teacher" if len(generalists) == 1 else name: models[name][2]["history"]
                  for name in generalists}
     teacher_seconds = sum(r["seconds"] for h in histories.values() for r in h)
+    specialist_seconds = sum(r["seconds"] for n in specs for r in models[n][2]["history"])
     offsets = {}
     for name in models:
         variant = name not in known and not GRID.fullmatch(name)  # as in the table's last rows
@@ -273,15 +385,18 @@ def main() -> None:
                 (name.startswith("student-") and variant) or \
                 (len(generalists) > 1 and SEEDED.fullmatch(name)):
             histories[name] = models[name][2]["history"]
-            if cfg.students[name[len("student-"):]].uses_teacher:  # it needs its teachers first
-                offsets[name] = teacher_seconds
+            student = cfg.students[name[len("student-"):]]
+            if student.uses_teacher:  # it needs its teachers first
+                offsets[name] = teacher_seconds + (specialist_seconds if
+                                                   student.soft_targets == "ensemble" else 0)
     figure = Path(args.out).with_suffix(".png")
     figure.parent.mkdir(parents=True, exist_ok=True)
     figure.write_bytes(figures.errors_vs_time(histories, offsets))
     lines += ["", f"![test errors against CPU hours]({figure.name})", "",
               "Test errors per epoch against the CPU time spent so far (each model's own "
               "training and evaluation seconds, on one core each; a distilled student's line "
-              "starts where its teachers' end: all of their seconds summed)."]
+              "starts where its teachers' end: all of their seconds summed, specialists' too "
+              "where they teach)."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
