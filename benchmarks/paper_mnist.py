@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ensemble import figures
-from ensemble.config import ResourcesConfig, StudentConfig, to_dict
+from ensemble.config import ResourcesConfig, StudentConfig, load_config, to_dict
 from ensemble.data import labels_to_device, load_splits, to_device
 from ensemble.rundir import RunDir
 from ensemble.train import model_from_checkpoint, predict_logits
@@ -236,12 +236,18 @@ def main() -> None:
                         help="another run on the same data whose students join this run's seeds "
                              "of the same recipe and teachers")
     args = parser.parse_args()
-    pools = [RunDir(Path(p)) for p in args.pool]
-    for pool in pools:  # before anything trains
-        if not (pool.path / "config.yaml").is_file():
-            sys.exit(f"--pool {pool.path}: there is no run there")
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     resumed = run_dir.exists()
+    pools = [RunDir(Path(p)) for p in args.pool]
+    if pools:  # checked before anything trains
+        data = (RunDir(run_dir).load_config() if resumed else
+                load_config(args.config, args.set)).data
+        for pool in pools:
+            if not (pool.path / "config.yaml").is_file():
+                sys.exit(f"--pool {pool.path}: there is no run there")
+            if pool.load_config().data != data:
+                sys.exit(f"--pool {pool.path}: its data ({pool.load_config().data}) differ "
+                         f"from this run's ({data})")
     command = ["ensemble", "run", "--resume", str(run_dir)] if resumed else \
         ["ensemble", "run", args.config, "--run-dir", str(run_dir)]
     for override in args.set:  # on resume, only raising epoch counts is accepted
@@ -351,9 +357,6 @@ def main() -> None:
     pooled = [(run.path.name, keys, found)]
     for pool in pools:
         other = pool.load_config()
-        if other.data != cfg.data:
-            sys.exit(f"--pool {pool.path}: its data ({other.data}) differ from this run's "
-                     f"({cfg.data})")
         theirs = {n: k for n, k in student_recipes(pool, other, x_test).items()
                   if k in keys.values()}
         errs = {}
