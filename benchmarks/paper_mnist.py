@@ -75,6 +75,21 @@ def spread(values: list[float]) -> str:
             f"({min(values):g}–{max(values):g})")
 
 
+def epochs_done(run_dir: Path) -> dict[str, int]:
+    """model -> epochs in the run's metrics.json (empty for a new run)."""
+    metrics = RunDir(run_dir).read_json("metrics.json") if run_dir.exists() else None
+    return {n: len(m["history"]) for n, m in (metrics or {}).get("models", {}).items()}
+
+
+def how_run(resumed: bool, before: dict[str, int], after: dict[str, int]) -> str:
+    """How the table's run came about, for its header."""
+    if not resumed:
+        return "then analysed"
+    if before == after:
+        return "a finished run, which this call trained no further, only analysed"
+    return "an earlier run resumed, what had finished kept; then analysed"
+
+
 def recipe(cfg: StudentConfig) -> dict:
     """A student's recipe, less what cannot change what it learns: its resources, and with hard
     labels alone (alpha 0) everything about soft targets."""
@@ -138,7 +153,8 @@ def seeds_section(runs: list[tuple[str, dict[str, str], dict[str, tuple[int, int
         test = [found[label][name][1] for label, name in members]
         each = ", ".join(f"{name[len('student-'):]} ({label}) {t}"
                          for (label, name), t in zip(members, test))
-        lines.append(f"| {members[0][1][len('student-'):]} | {len(members)} | {spread(val)} | "
+        label = re.sub(r"-s\d+$", "", members[0][1][len("student-"):])
+        lines.append(f"| {label} | {len(members)} | {spread(val)} | "
                      f"{spread(test)} | {each} |")
     return lines
 
@@ -254,6 +270,7 @@ def main() -> None:
         command += ["--set", override]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
+    before = epochs_done(run_dir)
     if subprocess.run([sys.executable, "-m", "ensemble.cli", *command[1:]]).returncode != 0:
         sys.exit("the run did not finish; see its output above")
 
@@ -282,8 +299,8 @@ def main() -> None:
                             text=True, cwd=ROOT).stdout.strip()
     lines = [f"# The paper's MNIST table from {args.config}", "",
              f"Run: `{' '.join(command[:-2] if args.data_dir else command)}` "
-             f"({'an earlier run resumed, what had finished kept; ' if resumed else ''}"
-             "then analysed by `python benchmarks/paper_mnist.py`); hardware: "
+             f"({how_run(resumed, before, epochs_done(run_dir))} by "
+             "`python benchmarks/paper_mnist.py`); hardware: "
              f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch "
              f"{torch.__version__}; git commit "
              f"{commit}. Test errors out of {len(y_test):,}; every model at its best epoch by "
@@ -304,7 +321,8 @@ def main() -> None:
         lines.append(row("student 784-800-800-10, hard labels", 146, "student-hard",
                          test_errors("student-hard")))
     if "student-distilled" in models:
-        lines.append(row("same student distilled at T=20", 74, "student-distilled",
+        who = "same student" if "student-hard" in models else "student 784-800-800-10"
+        lines.append(row(f"{who} distilled at T=20", 74, "student-distilled",
                          test_errors("student-distilled")))
     if "student-no3" in models:
         val, test, _ = models["student-no3"]

@@ -34,3 +34,10 @@ def test_seeds_section_pools_runs_by_key():
     assert "x (a) 20, x-s1 (b) 24" in rows[0]
     assert not any(line.startswith("| y ") for line in lines)  # one seed: no row
     assert paper_mnist.seeds_section([]) == []
+
+
+def test_header_says_whether_the_call_trained():
+    how = paper_mnist.how_run
+    assert how(False, {}, {"generalist-0": 3}) == "then analysed"
+    assert how(True, {"generalist-0": 3}, {"generalist-0": 3}).startswith("a finished run")
+    assert how(True, {"generalist-0": 3}, {"generalist-0": 5}).startswith("an earlier run resumed")
