@@ -361,7 +361,7 @@ def main() -> None:
     combined = run.read_json("ensemble.json")
     specs = [n for n in models if n.startswith("specialist-")]
     if combined and specs:
-        lines.append(f"| {teacher_label(cfg).replace('teacher', 'teacher +', 1)} + {len(specs)} "
+        lines.append(f"| {teacher_label(cfg)} + {len(specs)} "
                      f"specialists, eq. 5 with top-{combined['top_n']} | – | "
                      f"{combined['test']['ensemble_errors']} | "
                      f"{models[specs[0]][2]['epoch']} | "
