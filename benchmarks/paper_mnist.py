@@ -33,6 +33,7 @@ import torch
 from ensemble import figures
 from ensemble.config import ResourcesConfig, StudentConfig, load_config, to_dict
 from ensemble.data import labels_to_device, load_splits, to_device
+from ensemble.errors import EnsembleError
 from ensemble.rundir import RunDir
 from ensemble.train import model_from_checkpoint, predict_logits
 
@@ -256,14 +257,19 @@ def main() -> None:
     resumed = run_dir.exists()
     pools = [RunDir(Path(p)) for p in args.pool]
     if pools:  # checked before anything trains
-        data = (RunDir(run_dir).load_config() if resumed else
-                load_config(args.config, args.set)).data
+        try:
+            data = (RunDir(run_dir).load_config() if resumed else
+                    load_config(args.config, args.set)).data
+        except EnsembleError as e:
+            sys.exit(str(e))
         for pool in pools:
-            if not (pool.path / "config.yaml").is_file():
-                sys.exit(f"--pool {pool.path}: there is no run there")
-            if pool.load_config().data != data:
-                sys.exit(f"--pool {pool.path}: its data ({pool.load_config().data}) differ "
-                         f"from this run's ({data})")
+            try:
+                theirs = pool.load_config().data
+            except EnsembleError as e:
+                sys.exit(f"--pool {pool.path}: {e}")
+            if theirs != data:
+                sys.exit(f"--pool {pool.path}: its data ({theirs}) differ from this run's "
+                         f"({data})")
     command = ["ensemble", "run", "--resume", str(run_dir)] if resumed else \
         ["ensemble", "run", args.config, "--run-dir", str(run_dir)]
     for override in args.set:  # on resume, only raising epoch counts is accepted
