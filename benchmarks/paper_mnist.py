@@ -101,18 +101,18 @@ def recipe(cfg: StudentConfig) -> dict:
     return to_dict(cfg)
 
 
-def teachers_print(run: RunDir, names: list[str], x: torch.Tensor) -> str:
-    """A fingerprint of a run's teachers: a hash of their logits on x."""
-    digest = hashlib.sha256()
-    for name in names:
+def test_logits(run: RunDir, x: torch.Tensor):
+    """name -> that model's logits on x, from the run's latest checkpoint."""
+    def logits(name: str) -> torch.Tensor:
         model, _ = model_from_checkpoint(run.latest(name)[0], x.device)
-        digest.update(predict_logits(model, x).numpy().tobytes())
-    return digest.hexdigest()
+        return predict_logits(model, x)
+    return logits
 
 
-def student_recipes(run: RunDir, cfg, x: torch.Tensor) -> dict[str, str]:
+def student_recipes(run: RunDir, cfg, logits) -> dict[str, str]:
     """student name -> a key equal for students trained alike, seeds aside (same recipe, and for
-    distilled students the same teachers: generalists, and specialists where they are used)."""
+    distilled students the same teachers: generalists, and specialists where they are used,
+    told apart by a hash of their test logits, `logits(name)`)."""
     models = run.models()
     gens = [n for n in models if n.startswith("generalist-")]
     specs = [n for n in models if n.startswith("specialist-")]
@@ -125,7 +125,10 @@ def student_recipes(run: RunDir, cfg, x: torch.Tensor) -> dict[str, str]:
         if student.uses_teacher:
             teachers = tuple(gens + (specs if student.soft_targets == "ensemble" else []))
             if teachers not in prints:
-                prints[teachers] = teachers_print(run, list(teachers), x)
+                digest = hashlib.sha256()
+                for teacher in teachers:
+                    digest.update(logits(teacher).numpy().tobytes())
+                prints[teachers] = digest.hexdigest()
         keys[f"student-{name}"] = json.dumps([recipe(student), prints.get(teachers)],
                                              sort_keys=True)
     return keys
@@ -376,12 +379,13 @@ def main() -> None:
                      f"{combined['test']['generalist_errors']} "
                      f"({combined['val']['generalist_errors']}); specialists' time summed |")
 
-    keys = student_recipes(run, cfg, x_test)
+    keys = student_recipes(run, cfg, lambda name: models[name][1])
     found = {n: (errors(models[n][0], y_val), errors(models[n][1], y_test)) for n in keys}
     pooled = [(run.path.name, keys, found)]
     for pool in pools:
         other = pool.load_config()
-        theirs = {n: k for n, k in student_recipes(pool, other, x_test).items()
+        logits = test_logits(pool, x_test)
+        theirs = {n: k for n, k in student_recipes(pool, other, logits).items()
                   if k in keys.values()}
         errs = {}
         for name in theirs:
