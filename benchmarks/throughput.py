@@ -87,7 +87,7 @@ def ray_figures(batch, data, data_ref, one, repeats, say, figures) -> None:
 
     def actor(i):
         return start_actor("generalist", f"bench-{batch}-{i}", "bench", one, f"bench-{i}",
-                           MODEL, train_cfg(batch), data_ref, i, 1, "auto")
+                           MODEL, train_cfg(batch), data_ref, i, 1)
 
     # the same 1-thread training in this process and in a 1-CPU actor, epochs alternating
     local = Trainer("local", MODEL, train_cfg(batch), data, seed=0, threads=1)

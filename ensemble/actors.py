@@ -6,6 +6,9 @@ a restarted actor resumes from the checkpoint the driver hands it (`Trainer.run_
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import ray
 
 from ensemble.config import NodeType, ResourcesConfig
@@ -14,7 +17,13 @@ from ensemble.errors import ConfigError
 from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
 from ensemble.stacked import StackedStudents
 from ensemble.streaming import StreamTrainer
-from ensemble.train import Trainer
+from ensemble.train import Trainer, pick_device
+
+# What every worker of a run gets through the run's runtime_env: Ray 2.58 narrows
+# CUDA_VISIBLE_DEVICES to a worker's GPUs only when it was assigned some; with this it is set to ""
+# for a worker assigned none, so torch there sees no GPU either (ray/_private/utils.py,
+# set_visible_accelerator_ids).
+WORKER_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
 
 METRICS = {  # Ray metric (Prometheus: ray_<name>) -> key of an epoch record
     "ensemble_epoch": ("epoch", "epochs trained so far"),
@@ -25,10 +34,19 @@ METRICS = {  # Ray metric (Prometheus: ray_<name>) -> key of an epoch record
 }
 
 
+def assigned_device(device: str):
+    """The device of `device` (auto, cpu, cuda) for this actor or task: what Ray assigned it."""
+    return pick_device(device, [str(g) for g in ray.get_gpu_ids()])
+
+
 class Metered:
-    """Each epoch's numbers as Ray metrics tagged with the model and its role, for the Ray
-    dashboard's metrics view (through Prometheus and Grafana) and any Prometheus scraper."""
+    """A trainer on the device Ray assigned it, whose epochs are also Ray metrics tagged with the
+    model and its role, for the Ray dashboard's metrics view (through Prometheus and Grafana) and
+    any Prometheus scraper."""
     role = ""
+
+    def __init__(self, *args, device: str = "auto", **kwargs):
+        super().__init__(*args, device=assigned_device(device), **kwargs)
 
     def run_epoch(self, epoch: int, last: bytes | None = None):
         record, blob = super().run_epoch(epoch, last)
@@ -54,32 +72,49 @@ def _remote(cls, role: str):
 REMOTE = {role: _remote(cls, role) for role, cls in (
     ("generalist", Trainer), ("specialist", SpecialistTrainer), ("student", Student),
     ("streamed generalist", StreamTrainer), ("stack", StackedStudents))}
-TASKS = {"coordinate": ray.remote(coordinate), "evaluate_ensemble": ray.remote(evaluate_ensemble)}
 
 
-def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *args):
+def _on_assigned_device(task):
+    """`task` as a Ray task that computes on the device Ray assigned it."""
+    @functools.wraps(task)
+    def run(*args, device: str = "auto"):
+        return task(*args, device=assigned_device(device))
+    return ray.remote(run)
+
+
+TASKS = {"coordinate": _on_assigned_device(coordinate),
+         "evaluate_ensemble": _on_assigned_device(evaluate_ensemble)}
+
+
+def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *args, **kwargs):
     """Start the trainer of `role` as the named actor `name` with the resources `res` asks for,
-    spread over the nodes (Ray's default would fill one node first)."""
+    spread over the nodes (Ray's default would fill one node first); its `device` (a keyword:
+    auto, cpu or cuda) becomes the one Ray assigned it."""
     return REMOTE[role].options(
         name=name, namespace=namespace, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
         scheduling_strategy="SPREAD",
-    ).remote(*args)
+    ).remote(*args, **kwargs)
 
 
 def placement(actor):
-    """A ref to where `actor` runs: its node and the GPU ids Ray gave it (answered in turn with
-    its epochs, so after a restart it names the new place)."""
-    def where(_self):
+    """A ref to where `actor` runs: its node, the GPU ids Ray gave it, the device it trains on
+    and the GPUs its process can see (answered in turn with its epochs, so after a restart it
+    names the new place)."""
+    def where(self):
         context = ray.get_runtime_context()
-        return {"node": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+        return {"node": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "device": str(self.device),
+                "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     return actor.__ray_call__.remote(where)
 
 
-def run_task(task: str, res: ResourcesConfig, *args):
-    """Run the pure function `task` on the cluster with the resources of `res`; return its result."""
+def run_task(task: str, res: ResourcesConfig, *args, device: str = "auto"):
+    """Run the pure function `task` on the cluster with the resources of `res`, on the device
+    Ray assigns it; return its result."""
     return ray.get(TASKS[task].options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                       max_retries=res.max_task_retries).remote(*args))
+                                       max_retries=res.max_task_retries).remote(*args,
+                                                                                device=device))
 
 
 def check_resources(requests: dict[str, ResourcesConfig],

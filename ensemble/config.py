@@ -96,15 +96,16 @@ class TrainConfig:
 @dataclass(frozen=True)
 class ResourcesConfig:
     num_cpus: float = 1  # one torch thread per whole CPU: two 1-thread actors beat one 2-thread one
-    num_gpus: float = 0  # a share of a GPU (0.25 packs four models on one); Ray's bookkeeping only
+    num_gpus: float = 0  # a share of one GPU (0.25 packs four models on one); the model trains
+    #   on the GPU Ray assigns it, and on CPU when it asks for none
     max_restarts: int = 3  # Ray restarts a crashed actor this often; it resumes from its checkpoint
     max_task_retries: int = 3  # an epoch interrupted by a crash is retried on the restarted actor
 
     def __post_init__(self):
         _require(self.num_cpus > 0, "num_cpus", "must be > 0", self.num_cpus)
         _require(self.num_gpus >= 0, "num_gpus", "must be >= 0", self.num_gpus)
-        _require(self.num_gpus <= 1 or float(self.num_gpus).is_integer(), "num_gpus",
-                 "must be a whole number when above 1 (Ray's rule)", self.num_gpus)
+        _require(self.num_gpus <= 1, "num_gpus", "must be at most 1: one model trains on one "
+                 "device (a share of a GPU packs several models on one)", self.num_gpus)
         _require(self.max_restarts >= 0, "max_restarts", "must be >= 0", self.max_restarts)
         _require(self.max_task_retries >= 0, "max_task_retries", "must be >= 0",
                  self.max_task_retries)
@@ -215,7 +216,9 @@ class StudentConfig:
 class RunConfig:
     name: str = "run"  # names the run directory: runs/<name>-<timestamp>
     seed: int = 0  # generalist i uses seed + i; students use seed + 1000 + their index
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA where torch sees a GPU, else CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: on the cluster, the GPU Ray assigned a
+    #   model (resources.num_gpus > 0), else CPU; on the driver (eval, export), CUDA where torch
+    #   sees a GPU. cuda: every model must ask for a GPU
     watchdog_s: float = 3600.0  # no epoch finished by any model for this long: stop with the
     #   models still waiting named (Ray waits silently for resources it cannot place); 0 = off
     autoscaler: AutoscalerConfig = field(default_factory=AutoscalerConfig)
@@ -232,6 +235,11 @@ class RunConfig:
                  "must use only letters, digits, '.', '_' and '-'", self.name)
         _require(self.watchdog_s >= 0, "watchdog_s", "must be >= 0 (0 turns it off)",
                  self.watchdog_s)
+        for key, res in self.model_resources():
+            if self.device == "cuda" and res.num_gpus == 0:
+                raise ConfigError(f"device 'cuda' needs a GPU for every model, but "
+                                  f"{key}.num_gpus is 0 (it would train on a GPU that Ray "
+                                  f"believes free); give it a share of a GPU or use device 'auto'")
         classes = NUM_CLASSES[self.data.name]
         _require(self.specialists.k <= classes, "specialists.k",
                  f"must be at most the number of classes ({classes})", self.specialists.k)
@@ -258,6 +266,14 @@ class RunConfig:
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES[self.data.name]
+
+    def model_resources(self):
+        """(dotted key, resources) of every kind of model this run trains."""
+        yield "generalists.resources", self.generalists.resources
+        if self.specialists.k > 0:
+            yield "specialists.resources", self.specialists.resources
+        for name, student in self.students.items():
+            yield f"students.{name}.resources", student.resources
 
 
 # ---------------------------------------------------------------- building from YAML -------------

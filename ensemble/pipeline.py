@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayError
 
 from ensemble import checkpoint, figures
-from ensemble.actors import check_resources, placement, run_task, start_actor
+from ensemble.actors import WORKER_ENV, check_resources, placement, run_task, start_actor
 from ensemble.config import ResourcesConfig, RunConfig
 from ensemble.data import Splits
 from ensemble.errors import ConfigError, TrainingError
@@ -55,6 +56,7 @@ class Job:
     remote: str = ""  # which trainer its actor runs (ensemble.actors.REMOTE), if not its role's
     placement_ref: object = None
     members: list = field(default_factory=list)  # a stack: the student jobs it trains at once
+    kwargs: dict = field(default_factory=dict)  # its trainer's keyword arguments, beside device
 
     @property
     def finished(self) -> bool:
@@ -67,7 +69,8 @@ class Job:
 @contextlib.contextmanager
 def ray_session(address: str | None, namespace: str):
     """Connect to `address`, or start a local Ray with a temporary directory of its own; reuse a
-    Ray this process already started (tests). Everything started here is stopped on exit.
+    Ray this process already started (tests; its own runtime_env then stands). Everything
+    started here is stopped on exit.
     Yields the dashboard's address, if the Ray has one."""
     if ray.is_initialized():
         yield None
@@ -80,8 +83,13 @@ def ray_session(address: str | None, namespace: str):
         # one: Ray starts a worker per CPU with the driver, so the first actors find one ready
         local = {} if address else {"_node_ip_address": "127.0.0.1", "_system_config": {
             "preload_python_modules": ["ensemble.actors"]}}
+        # every worker of the run sees only the GPUs Ray assigned it (none: CUDA_VISIBLE_DEVICES
+        # is empty); Ray merges these env_vars into a submitted job's own runtime_env, which
+        # must not name them again (the driver has that job's env_vars)
+        env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
         context = ray.init(address=address, namespace=namespace, _temp_dir=temp,
-                           logging_level=logging.WARNING, **local)
+                           logging_level=logging.WARNING,
+                           runtime_env={"env_vars": env} if env else None, **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
@@ -121,8 +129,8 @@ class Pipeline:
         gen = cfg.generalists
         generalists = [self._job(f"generalist-{i}", "generalist", gen.resources, gen.train.epochs,
                                  (f"generalist-{i}", gen.model, gen.train, data_ref, cfg.seed + i,
-                                  gen.resources.threads, cfg.device)
-                                 + ((self.stream,) if self.stream is not None else ()))
+                                  gen.resources.threads),
+                                 {"stream": self.stream} if self.stream is not None else {})
                        for i in range(gen.count)]
         for job in generalists:
             job.remote = "streamed generalist" if self.stream is not None else ""
@@ -151,8 +159,9 @@ class Pipeline:
             students.append(self._job(
                 f"student-{name}", "student", scfg.resources, scfg.train.epochs,
                 (f"student-{name}", scfg, data_ref, teacher_ref if scfg.uses_teacher else [],
-                 cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads, cfg.device,
-                 specialist_ref if scfg.soft_targets == "ensemble" else [], cfg.specialists)))
+                 cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources.threads),
+                {"specialists": specialist_ref if scfg.soft_targets == "ensemble" else [],
+                 "specialists_cfg": cfg.specialists}))
         if cfg.stack_students:
             students = self._stacks(students, data_ref, teacher_ref, specialist_ref)
         with self.timed("students"):
@@ -184,10 +193,11 @@ class Pipeline:
             seeds = [j.args[4] for j in group]
             first = cfgs[0]
             stack = Job(f"stack-{len([o for o in out if o.members])}", "stack",
-                        (names, cfgs, data_ref, teacher_ref, seeds, first.resources.threads,
-                         cfg.device, specialist_ref if first.soft_targets == "ensemble" else [],
-                         cfg.specialists), first.resources, first.train.epochs, group[0].epoch,
-                        [j.blob for j in group], members=group)
+                        (names, cfgs, data_ref, teacher_ref, seeds, first.resources.threads),
+                        first.resources, first.train.epochs, group[0].epoch,
+                        [j.blob for j in group], members=group, kwargs={
+                            "specialists": specialist_ref if first.soft_targets == "ensemble"
+                            else [], "specialists_cfg": cfg.specialists})
             self.tracker.line(f"{stack.name:<16} trains {', '.join(names)} as one model")
             out.append(stack)
         return out
@@ -200,7 +210,7 @@ class Pipeline:
         if self.subsets is None:
             with self.timed("coordinator"):
                 self.subsets = run_task("coordinate", self.cfg.generalists.resources, spec,
-                                        teacher_ref, data_ref, cfg.device)
+                                        teacher_ref, data_ref, device=cfg.device)
             self.run.write_json("subsets.json", self.subsets)
             labels = list(self.splits.classes)
             self.tracker.image("run", "specialists/covariance", functools.partial(
@@ -213,8 +223,7 @@ class Pipeline:
         generalist_ref = ray.put(ray.get(teacher_ref)[0])  # specialists start from generalist-0
         jobs = [self._job(f"specialist-{i}", "specialist", spec.resources, spec.train.epochs,
                           (f"specialist-{i}", members, generalist_ref, spec, data_ref,
-                           cfg.seed + SPECIALIST_SEED_OFFSET + i, spec.resources.threads,
-                           cfg.device))
+                           cfg.seed + SPECIALIST_SEED_OFFSET + i, spec.resources.threads))
                 for i, members in enumerate(self.subsets["subsets"])]
         with self.timed("specialists"):
             self._train(jobs)
@@ -224,7 +233,7 @@ class Pipeline:
             specialist_ref = ray.put([self._bytes(job.blob) for job in jobs])
         with self.timed("combination"):
             self.ensemble = run_task("evaluate_ensemble", spec.resources, teacher_ref,
-                                     specialist_ref, spec, data_ref, cfg.device)
+                                     specialist_ref, spec, data_ref, device=cfg.device)
         self.ensemble["top_n"] = spec.top_n
         self.run.write_json("ensemble.json", self.ensemble)
         self.tracker.image("ensemble", "confusion/test", functools.partial(
@@ -235,8 +244,8 @@ class Pipeline:
                           f"with specialists {test['ensemble_errors']}")
         return specialist_ref
 
-    def _job(self, name, role, resources, epochs, args) -> Job:
-        job = Job(name, role, args, resources, epochs)
+    def _job(self, name, role, resources, epochs, args, kwargs=None) -> Job:
+        job = Job(name, role, args, resources, epochs, kwargs=kwargs or {})
         saved = self.run.latest(name)
         if saved is not None:
             job.blob, meta = saved
@@ -253,8 +262,9 @@ class Pipeline:
                 if job.finished:
                     self.tracker.line(f"{job.name:<16} finished earlier ({job.epoch} epochs)")
                     continue
-                job.actor = start_actor(job.remote or job.role, job.name, self.namespace, job.resources,
-                                        *job.args)
+                job.actor = start_actor(job.remote or job.role, job.name, self.namespace,
+                                        job.resources, *job.args, device=self.cfg.device,
+                                        **job.kwargs)
                 for member in job.members or [job]:
                     self.tracker.started(member.name, job.epoch, job.epochs)
                 self._submit(job, active)

@@ -27,7 +27,7 @@ KNOWN_GROUPS = {  # confusable groups known in advance, to judge the clustering 
 
 
 def coordinate(cfg: SpecialistsConfig, generalists: list[bytes], data: Splits,
-               device: str = "auto") -> dict:
+               device: str | torch.device = "auto") -> dict:
     """Cluster the covariance of the generalists' predicted probabilities into class subsets."""
     dev = pick_device(device)
     models = [model_from_checkpoint(blob, dev)[0] for blob in generalists]
@@ -40,7 +40,7 @@ def coordinate(cfg: SpecialistsConfig, generalists: list[bytes], data: Splits,
     subsets = assign_subsets(affinity(cov, cfg.compare), cfg.k, cfg.iterations, cfg.seed,
                              cfg.overlap, cfg.min_tie, cfg.min_size)
     report = {"subsets": subsets, "names": [[data.classes[c] for c in s] for s in subsets],
-              "covariance_on": cfg.covariance_on, "inputs": len(images),
+              "covariance_on": cfg.covariance_on, "inputs": len(images), "device": str(dev),
               "covariance": cov.tolist()}
     if data.name in KNOWN_GROUPS:
         groups = KNOWN_GROUPS[data.name]
@@ -154,12 +154,13 @@ class Ensemble:
 
 
 def evaluate_ensemble(generalists: list[bytes], specialists: list[bytes],
-                      cfg: SpecialistsConfig, data: Splits, device: str = "auto") -> dict:
+                      cfg: SpecialistsConfig, data: Splits,
+                      device: str | torch.device = "auto") -> dict:
     """Errors of the generalists alone and with the specialists on validation and test, and the
     paper's Table 4 on test: examples grouped by how many specialists cover their true class."""
     dev = pick_device(device)
     ens = Ensemble.from_checkpoints(generalists, specialists, cfg, dev)
-    out = {}
+    out = {"device": str(dev)}
     for part, images, labels in (("val", data.val_x, data.val_y), ("test", data.test_x,
                                                                      data.test_y)):
         x, y = to_device(images, dev), labels_to_device(labels, dev)

@@ -12,6 +12,7 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +27,29 @@ from ensemble.models import apply_max_norm, build_model, count_parameters
 EVAL_BATCH = 2000  # rows per forward pass when evaluating: large enough to be fast, small in memory
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """The device torch sees (Ray's GPU count is bookkeeping only): CUDA if present, else CPU."""
+def pick_device(name: str | torch.device = "auto",
+                gpu_ids: Sequence[str] | None = None) -> torch.device:
+    """The device to compute on. `gpu_ids`: the GPUs Ray assigned to this actor or task
+    (`ray.get_gpu_ids()`), or None outside Ray (the driver: eval, export, report), where `auto`
+    is torch's view: CUDA if it sees a GPU, else CPU.
+
+    Inside Ray, `auto` is `cuda:0` when Ray assigned a GPU (it has narrowed CUDA_VISIBLE_DEVICES
+    to it, so its torch index is 0, whatever its physical id) and `cpu` when it assigned none,
+    whatever torch sees: Ray 2.58 leaves every GPU visible to a worker that asked for none, and a
+    model there would train on a GPU that Ray believes free. A device already chosen is kept."""
+    if isinstance(name, torch.device):
+        return name
+    under_ray = gpu_ids is not None
+    if name == "cuda" and under_ray and not gpu_ids:
+        raise TrainingError("device 'cuda' was asked for by a model that Ray assigned no GPU; "
+                            "give it resources.num_gpus or use device 'auto'")
     if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("device 'cuda' was asked for but torch sees no GPU here")
+        where = f"Ray assigned GPU {', '.join(map(str, gpu_ids))}" if gpu_ids else "it was asked for"
+        raise TrainingError(f"device 'cuda': {where} but torch sees no GPU here")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+        assigned = bool(gpu_ids) if under_ray else True
+        name = "cuda" if assigned and torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", 0) if name == "cuda" else torch.device(name)
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
@@ -113,6 +130,8 @@ class Trainer:
         self.rng_cpu = torch.get_rng_state()
         self.rng_cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" \
             else None
+        self.rng_elsewhere: dict[str, torch.Tensor] = {}  # a checkpoint's RNG states of another
+        #   device type, kept so that a model resumed on CPU, then CUDA, then CPU goes on exactly
         self.epoch = 0
         self.history: list[dict] = []
         self.best_epoch, self.best_val_errors = 0, None
@@ -284,8 +303,9 @@ class Trainer:
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"optim.{i}.momentum_buffer"] = buf
+        tensors.update(self.rng_elsewhere)
         tensors["rng.cpu"] = self.rng_cpu
-        tensors["rng.batches"] = self.batches.get_state()
+        tensors[f"rng.batches.{self.device.type}"] = self.batches.get_state()
         if self.rng_cuda is not None:
             tensors["rng.cuda"] = self.rng_cuda
         meta = {"name": self.name, "epoch": self.epoch, "seed": self.seed,
@@ -315,13 +335,27 @@ class Trainer:
             buf = tensors.get(f"optim.{i}.momentum_buffer")
             if buf is not None:
                 self.opt.state[p]["momentum_buffer"] = buf.to(self.device)
-        self.rng_cpu = tensors["rng.cpu"]
-        self.batches.set_state(tensors["rng.batches"])
-        if self.rng_cuda is not None and "rng.cuda" in tensors:
-            self.rng_cuda = tensors["rng.cuda"]
+        self._load_rng(tensors)
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.best_epoch, self.best_val_errors = meta["best_epoch"], meta["best_val_errors"]
         self.best_confusion = meta.get("summary", {}).get("test_confusion")
+
+    def _load_rng(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore the RNG states of this trainer's device type; keep those of another (a
+        checkpoint written on CUDA and resumed on CPU, or back). A state of another device type
+        cannot seed this one: batch order and dropout then start from this trainer's own seeds."""
+        kind = self.device.type
+        tensors = dict(tensors)
+        if "rng.batches" in tensors:  # written before states were kept per device type: on CPU
+            tensors["rng.batches.cpu"] = tensors.pop("rng.batches")
+        mine = {"rng.cpu", f"rng.batches.{kind}"} | ({"rng.cuda"} if kind == "cuda" else set())
+        self.rng_elsewhere = {k: v for k, v in tensors.items()
+                              if k.startswith("rng.") and k not in mine}
+        self.rng_cpu = tensors["rng.cpu"]
+        if f"rng.batches.{kind}" in tensors:
+            self.batches.set_state(tensors[f"rng.batches.{kind}"])
+        if kind == "cuda" and "rng.cuda" in tensors:
+            self.rng_cuda = tensors["rng.cuda"]
 
     def best_model(self) -> nn.Module:
         """The model with its best-on-validation weights loaded (a copy; training is untouched)."""

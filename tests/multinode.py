@@ -98,7 +98,43 @@ def placement(config, data, run) -> dict:
             "cwd": cwd}
 
 
-SCENARIOS = {"node_removal": node_removal, "placement": placement}
+FAKE_CUDA = """# Ray's workers believe two GPUs exist (tests/multinode.py, scenario fake_gpus)
+import sys
+
+if sys.argv and sys.argv[0].endswith("default_worker.py"):
+    import torch
+
+    torch.cuda.is_available = lambda: True
+    torch.cuda.device_count = lambda: 2
+"""
+
+
+def believes_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def fake_gpus(config, data, run) -> dict:
+    """One node declared with two GPUs, whose Ray workers believe CUDA exists (a sitecustomize on
+    their path patches torch.cuda.is_available and device_count); `ensemble run` reaches it as a
+    cluster (--address), as a user's driver would. There is no GPU: a model put on one fails."""
+    site = run.parent / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_CUDA)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site),
+                                                             os.environ.get("PYTHONPATH")]))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2})
+    result = main(["run", str(config), "--data-dir", str(data), "--run-dir", str(run),
+                   "--address", cluster.address])
+    ray.init(address=cluster.address)  # what a worker there believes, asked afterwards
+    believes = ray.get(ray.remote(believes_cuda).remote())
+    ray.shutdown()
+    cluster.shutdown()
+    return {"exit": [result], "believes_cuda": believes}
+
+
+SCENARIOS = {"node_removal": node_removal, "placement": placement, "fake_gpus": fake_gpus}
 
 if __name__ == "__main__":
     scenario, *paths = sys.argv[1:]

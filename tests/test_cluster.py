@@ -17,14 +17,6 @@ def pins():
     return {d for d in deps if "==" in d and not d.startswith("ray")}
 
 
-def gpu_requests(cfg):
-    yield "generalists", cfg.generalists.resources.num_gpus
-    if cfg.specialists.k:
-        yield "specialists", cfg.specialists.resources.num_gpus
-    for name, s in cfg.students.items():
-        yield f"students.{name}", s.resources.num_gpus
-
-
 def test_ray_up_cluster():
     spec = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
     types = spec["available_node_types"]
@@ -39,8 +31,8 @@ def test_ray_up_cluster():
     # the job it documents runs a config whose GPU requests a worker can hold
     config = re.search(r"ensemble\.cli run (\S+)", (CLUSTER / "ray-cluster.yaml").read_text())
     most = max(w["resources"]["GPU"] for w in workers)
-    for key, gpus in gpu_requests(load_config(ROOT / config.group(1))):
-        assert gpus <= most, key
+    for key, res in load_config(ROOT / config.group(1)).model_resources():
+        assert res.num_gpus <= most, key
 
 
 def test_rayjob_runs_the_project_image():
@@ -63,9 +55,8 @@ def test_rayjob_runs_the_project_image():
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert "ensemble:0.1.0" in dockerfile and re.search(r"pip install .*/app", dockerfile)
     assert cluster["rayVersion"] == "2.58.0" and "FROM rayproject/ray:2.58.0" in dockerfile
-    for key, want in gpu_requests(cfg):
-        assert want <= max(gpus), key
-        assert want <= 1 or float(want).is_integer(), key
+    for key, res in cfg.model_resources():
+        assert res.num_gpus <= max(gpus), key
     yaml.safe_load(job["spec"]["runtimeEnvYAML"])
 
 

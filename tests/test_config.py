@@ -34,7 +34,13 @@ def test_nested_partial_sections_keep_their_defaults():
     ({"students": {"s": {"keep_classes": []}, "t": {"keep_classes": [1], "drop_classes": [2]}}},
      "cannot be combined"),
     ({"data": {"name": "imagenet"}}, "data.name must be one of"),
-    ({"generalists": {"resources": {"num_gpus": 1.5}}}, "whole number"),
+    ({"generalists": {"resources": {"num_gpus": 2}}}, "num_gpus must be at most 1"),
+    ({"device": "cuda"}, "device 'cuda' needs a GPU for every model, but "
+                         "generalists.resources.num_gpus is 0"),
+    ({"device": "cuda", "generalists": {"resources": {"num_gpus": 1}}, "specialists": {"k": 2},
+      "students": {"s": {"resources": {"num_gpus": 0.5}}}}, "specialists.resources.num_gpus is 0"),
+    ({"device": "cuda", "generalists": {"resources": {"num_gpus": 1}}, "students": {"s": {}}},
+     "students.s.resources.num_gpus is 0"),
     ({"generalists": {"train": {"jitter": True}}}, "must be an integer"),
     ({"generalists": {"train": {"elastic": -1}}}, "elastic must be between 0"),
     ({"students": {"s": {"train": {"elastic_sigma": 0}}}}, "elastic_sigma must be between"),
@@ -45,6 +51,13 @@ def test_nested_partial_sections_keep_their_defaults():
 def test_bad_configs(raw, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(raw)
+
+
+def test_cuda_for_models_that_each_ask_for_a_gpu():
+    cfg = from_dict({"device": "cuda", "generalists": {"resources": {"num_gpus": 1}},
+                     "students": {"s": {"resources": {"num_gpus": 0.25}}}})
+    assert [key for key, _ in cfg.model_resources()] == ["generalists.resources",
+                                                         "students.s.resources"]
 
 
 def test_overrides_and_yaml_numbers(tmp_path):

@@ -198,10 +198,10 @@ def test_request_beyond_every_node_type_fails_at_once(ray_session, data_root, tm
     run = tmp_path / "run"
     started = time.time()
     assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run),
-                 "--set", "generalists.resources.num_gpus=2"]) == 2
+                 "--set", "generalists.resources.num_cpus=16"]) == 2
     assert time.time() - started < 30
     err = capsys.readouterr().err
-    assert "generalist-0 asks for 2 GPU" in err and "autoscaler.node_types (at most 1)" in err
+    assert "generalist-0 asks for 16 CPU" in err and "autoscaler.node_types (at most 8)" in err
     assert not run.exists()
 
 

@@ -182,3 +182,35 @@ def test_placement_spreads_and_packs_fractional_gpus(tmp_path, scratch):
     for kind in ("gpu", "cpu"):
         assert report["cwd"][kind] == str(tmp_path / f"node-{kind}")
         assert not list((tmp_path / f"node-{kind}").iterdir())
+
+
+NO_GPU_ASKED = """
+name: cpus
+data: {val_size: 200, download: false}
+generalists:
+  model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+specialists:
+  k: 2
+  train: {epochs: 1, batch_size: 50, lr: 0.1, jitter: 0}
+students:
+  from-ensemble: {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50}, temperature: 2.0,
+                  soft_targets: ensemble}
+"""
+
+
+def test_models_that_ask_for_no_gpu_stay_on_cpu_where_cuda_seems_present(tmp_path, scratch):
+    # Ray 2.58 leaves every GPU visible to a worker assigned none: these models would train on
+    # cuda:0 (here, fail: there is no GPU) if the device followed torch's view, not Ray's
+    report, models = run_scenario("fake_gpus", NO_GPU_ASKED, tmp_path, scratch)
+    assert report["believes_cuda"] is True  # the workers were fooled: the check below can fail
+    assert {name.rsplit("-", 1)[0] for name in models} == {"generalist", "specialist",
+                                                           "student-from"}
+    for name, model in models.items():
+        assert model["status"] == "finished", (name, model["error"])
+        assert model["placement"]["gpu_ids"] == [], name
+        assert model["placement"]["device"] == "cpu", name
+        assert model["placement"]["visible_devices"] == "", name  # CUDA hidden from it too
+    run = tmp_path / "run"
+    for task in ("subsets.json", "ensemble.json"):  # the coordinator and eq. 5's evaluation
+        assert json.loads((run / task).read_text())["device"] == "cpu", task

@@ -5,8 +5,8 @@ from ensemble import checkpoint
 from ensemble.config import DataConfig, ModelConfig, StudentConfig, TrainConfig
 from ensemble.data import load_splits
 from ensemble.distill import Student
-from ensemble.errors import CheckpointError
-from ensemble.train import Trainer, learning_rate, model_from_checkpoint
+from ensemble.errors import CheckpointError, TrainingError
+from ensemble.train import Trainer, learning_rate, model_from_checkpoint, pick_device
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
 TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
@@ -55,6 +55,54 @@ def test_resume_is_bit_identical(splits):
     for _ in range(3):
         other.train_epoch()
     assert not torch.equal(weights(other)["output.weight"], weights(straight)["output.weight"])
+
+
+def test_device_follows_rays_assignment_not_torchs_view(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, as torch sees it
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert pick_device("auto", gpu_ids=[]) == cpu  # Ray assigned none: never the GPU torch sees
+    assert pick_device("auto", gpu_ids=["3"]) == gpu  # physical GPU 3 is torch's index 0 there
+    assert pick_device("cpu", gpu_ids=["3"]) == cpu
+    assert pick_device("cuda", gpu_ids=["1"]) == gpu
+    assert pick_device("auto") == gpu  # the driver (eval, export, report): torch's view
+    assert pick_device(cpu, gpu_ids=["0"]) is cpu  # a device already chosen stays
+    with pytest.raises(TrainingError, match="Ray assigned no GPU"):
+        pick_device("cuda", gpu_ids=[])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", gpu_ids=["0"]) == cpu  # a GPU in Ray's books only (fake GPUs)
+    assert pick_device("auto") == cpu
+    with pytest.raises(TrainingError, match="Ray assigned GPU 0 but torch sees no GPU"):
+        pick_device("cuda", gpu_ids=["0"])
+
+
+def test_checkpoint_keeps_rng_states_per_device_type(splits):
+    straight = Trainer("g", MODEL, JITTER, splits, seed=3)
+    for _ in range(2):
+        straight.train_epoch()
+    first = Trainer("g", MODEL, JITTER, splits, seed=3)
+    first.train_epoch()
+    tensors, meta = checkpoint.loads(first.checkpoint())
+    assert "rng.batches.cpu" in tensors and "rng.cuda" not in tensors
+    # as if epoch 1 had then gone on CUDA and come back: that device's states beside the CPU's
+    cuda_states = {"rng.batches.cuda": torch.arange(16, dtype=torch.uint8),
+                   "rng.cuda": torch.arange(16, 32, dtype=torch.uint8)}
+    resumed = Trainer("g", MODEL, JITTER, splits, seed=3)
+    resumed.run_epoch(2, checkpoint.dumps({**tensors, **cuda_states}, meta))
+    for key, value in weights(straight).items():  # the CPU stream went on exactly
+        assert torch.equal(value, weights(resumed)[key]), key
+    kept, _ = checkpoint.loads(resumed.checkpoint())
+    assert all(torch.equal(kept[k], v) for k, v in cuda_states.items())  # carried, untouched
+    # written before states were kept per device type: "rng.batches" is a CPU generator's
+    legacy = {("rng.batches" if k == "rng.batches.cpu" else k): v for k, v in tensors.items()}
+    again = Trainer("g", MODEL, JITTER, splits, seed=3)
+    again.run_epoch(2, checkpoint.dumps(legacy, meta))
+    assert torch.equal(weights(again)["output.weight"], weights(straight)["output.weight"])
+    # a checkpoint with no state for this device type: batch order starts from this seed's
+    only_cuda = {k: v for k, v in tensors.items() if k != "rng.batches.cpu"} | cuda_states
+    fresh = Trainer("g", MODEL, JITTER, splits, seed=3)
+    fresh.run_epoch(2, checkpoint.dumps(only_cuda, meta))
+    assert fresh.epoch == 2
+    assert not torch.equal(weights(fresh)["output.weight"], weights(straight)["output.weight"])
 
 
 def test_checkpoint_refuses_other_architecture_and_damage(splits):
