@@ -15,8 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ensemble.rundir import RunDir
-from ensemble.data import load_splits
-from ensemble.specialize import KNOWN_GROUPS, coordinate
+from ensemble.data import KNOWN_GROUPS, load_splits
+from specialists.clustering import pair_agreement
+from specialists.coordinator import coordinate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def main() -> None:
             for k in (2, 3, 4):
                 spec = replace(cfg.specialists, k=k, temperature=temperature, compare=compare)
                 report = coordinate(spec, generalists, splits, cfg.device)
-                a = report["agreement"]
+                a = pair_agreement(report["subsets"], list(groups.values()))
                 lines.append(f"| {compare} | {temperature:g} | {k} | {a['pair_recall']:.2f} | "
                              f"{a['pair_precision']:.2f} | {report['subsets']} |")
                 print(lines[-1], flush=True)

@@ -35,7 +35,8 @@ from ensemble.config import ResourcesConfig, StudentConfig, load_config, to_dict
 from ensemble.data import labels_to_device, load_splits, to_device
 from ensemble.errors import EnsembleError
 from ensemble.rundir import RunDir
-from ensemble.train import model_from_checkpoint, predict_logits
+from ensemble.models import load_model
+from ensemble.train import predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTS = torch.arange(0.0, 15.01, 0.25)  # bias shifts tried, in logits
@@ -104,7 +105,7 @@ def recipe(cfg: StudentConfig) -> dict:
 def test_logits(run: RunDir, x: torch.Tensor):
     """name -> that model's logits on x, from the run's latest checkpoint."""
     def logits(name: str) -> torch.Tensor:
-        model, _ = model_from_checkpoint(run.latest(name)[0], x.device)
+        model, _ = load_model(run.latest(name)[0], x.device)
         return predict_logits(model, x)
     return logits
 
@@ -292,7 +293,7 @@ def main() -> None:
     models = {}
     for name in run.models():
         blob, meta = run.latest(name)
-        model, _ = model_from_checkpoint(blob, dev)
+        model, _ = load_model(blob, dev)
         models[name] = (predict_logits(model, x_val), predict_logits(model, x_test), meta)
 
     def row(label, paper, name, ours, note=""):
@@ -320,7 +321,7 @@ def main() -> None:
              "| experiment | paper | ours | epochs | wall time | note |",
              "|---|---:|---:|---:|---:|---|"]
     teacher = next(n for n in models if n.startswith("generalist-"))
-    teacher_model, _ = model_from_checkpoint(run.latest(teacher)[0], dev)
+    teacher_model, _ = load_model(run.latest(teacher)[0], dev)
     x_train = to_device(splits.train_x, dev)
     own = errors(predict_logits(teacher_model, x_train), labels_to_device(splits.train_y, dev))
     lines.append(row(teacher_label(cfg), 67, teacher,
@@ -389,7 +390,7 @@ def main() -> None:
                   if k in keys.values()}
         errs = {}
         for name in theirs:
-            model, _ = model_from_checkpoint(pool.latest(name)[0], dev)
+            model, _ = load_model(pool.latest(name)[0], dev)
             errs[name] = (errors(predict_logits(model, x_val), y_val),
                           errors(predict_logits(model, x_test), y_test))
         pooled.append((pool.path.name, theirs, errs))

@@ -14,10 +14,12 @@ import ray
 from ensemble.config import NodeType, ResourcesConfig
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
-from ensemble.specialize import SpecialistTrainer, coordinate, evaluate_ensemble
 from ensemble.stacked import StackedStudents
 from ensemble.streaming import StreamTrainer
+from ensemble.teacher import evaluate_ensemble
 from ensemble.train import Trainer, pick_device
+from specialists.coordinator import coordinate
+from specialists.trainer import SpecialistTrainer
 
 # What every worker of a run gets through the run's runtime_env: Ray 2.58 narrows
 # CUDA_VISIBLE_DEVICES to a worker's GPUs only when it was assigned some; with this it is set to ""

@@ -196,7 +196,8 @@ def _eval(args, run: RunDir) -> int:
     import torch
 
     from ensemble.data import labels_to_device, load_splits, to_device
-    from ensemble.train import count_errors, model_from_checkpoint, pick_device
+    from ensemble.models import checkpoint_kind, load_model
+    from ensemble.train import count_errors, pick_device
 
     cfg = run.load_config()
     splits = load_splits(cfg.data, args.data_dir)
@@ -211,9 +212,9 @@ def _eval(args, run: RunDir) -> int:
         saved = run.latest(name)
         if saved is None:
             continue
-        model, meta = model_from_checkpoint(saved[0], device)
+        model, meta = load_model(saved[0], device)
         mine = lambda y: y  # noqa: E731
-        if "members" in meta:  # a specialist answers with its subset's classes and a dustbin
+        if checkpoint_kind(meta) == "specialist":  # its subset's classes and a dustbin
             from specialists.specialist import local_labels
 
             members = torch.tensor(meta["members"], device=device)
@@ -224,7 +225,7 @@ def _eval(args, run: RunDir) -> int:
               f"{100 * test_errors / max(1, len(splits.test_y)):.2f} % |")
     specialists = [m for m in models if m.startswith("specialist-")]
     if specialists:
-        from ensemble.specialize import evaluate_ensemble
+        from ensemble.teacher import evaluate_ensemble
 
         blobs = lambda names: [run.latest(n)[0] for n in names]  # noqa: E731
         generalists = [m for m in models if m.startswith("generalist-")]

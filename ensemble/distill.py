@@ -7,16 +7,15 @@ respect to the student's logits z is exactly T * (q_T - p_T).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ensemble.config import StudentConfig
 from ensemble.data import Splits, augment, transfer_mask
-from ensemble.errors import TrainingError
-from ensemble.train import EVAL_BATCH, Trainer, model_from_checkpoint
+from ensemble.teacher import Teacher, load_teacher
+from ensemble.train import Trainer
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
@@ -47,50 +46,25 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
     return loss
 
 
-class Teacher:
-    """Frozen models whose averaged output is the soft target: the mean of their probabilities at
-    T, or the softmax at T of their mean logits (`mean`)."""
-
-    def __init__(self, models: Sequence[nn.Module], mean: str = "probs"):
-        if not models:
-            raise TrainingError("a teacher needs at least one model")
-        self.models = [m.eval().requires_grad_(False) for m in models]
-        self.mean = mean
-
-    @torch.no_grad()
-    def probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Soft targets (N, C) for inputs x (N, ...), computed in chunks."""
-        out = []
-        for i in range(0, len(x), EVAL_BATCH):
-            logits = torch.stack([m(x[i:i + EVAL_BATCH]) for m in self.models])  # (M, b, C)
-            if self.mean == "logits":
-                out.append(F.softmax(logits.mean(0) / temperature, dim=1))
-            else:
-                out.append(F.softmax(logits / temperature, dim=2).mean(0))
-        return torch.cat(out)
-
-
 class Student(Trainer):
     """Trains a student on the transfer set with soft targets from `teachers` (checkpoint blobs of
     the generalists), or with `soft_targets: ensemble` from the generalists and `specialists`
     combined by eq. 5; with alpha = 0 it is a plain hard-label baseline and needs no teacher."""
+    kind = "student"
 
     def __init__(self, name: str, cfg: StudentConfig, data: Splits, teachers: Sequence[bytes],
-                 seed: int, threads: int = 1, device: str = "auto",
+                 seed: int, threads: int = 1, device: str | torch.device = "auto",
                  specialists: Sequence[bytes] = (), specialists_cfg=None):
         keep = transfer_mask(data.train_y, cfg.drop_classes, cfg.keep_classes, cfg.transfer_size)
         super().__init__(name, cfg.model, cfg.train, data.with_train(keep), seed, threads, device)
         self.temperature, self.alpha = cfg.temperature, cfg.alpha
-        self.teacher: Teacher | None = None
-        self.targets: torch.Tensor | None = None
-        if cfg.uses_teacher and cfg.soft_targets == "ensemble":
-            from ensemble.specialize import Ensemble  # specialize builds on this module
-
-            self.teacher = Ensemble.from_checkpoints(list(teachers), list(specialists),
-                                                     specialists_cfg, self.device)
-        elif cfg.uses_teacher:
-            models = [model_from_checkpoint(blob, self.device)[0] for blob in teachers]
-            self.teacher = Teacher(models, cfg.teacher_mean)
+        self.teacher: Teacher | None = None  # or eq. 5's specialists.ensemble.Ensemble
+        self.targets: torch.Tensor | None = None  # soft targets of the whole transfer set
+        if cfg.uses_teacher:
+            with_specialists = cfg.soft_targets == "ensemble"
+            self.teacher = load_teacher(teachers, self.device, cfg.teacher_mean,
+                                        specialists if with_specialists else None,
+                                        specialists_cfg)
         if self.teacher is not None:
             if cfg.train.jitter == 0 and cfg.train.elastic == 0:
                 # an unaugmented transfer set: its soft targets are computed once

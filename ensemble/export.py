@@ -45,7 +45,7 @@ def export(run: RunDir, wanted: str) -> list[str]:
     """Export the model `wanted` names; return the files written (relative to the run)."""
     import torch
 
-    from ensemble.train import model_from_checkpoint
+    from ensemble.models import checkpoint_kind, load_model
 
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:  # checked first: nothing is written without both
@@ -55,7 +55,8 @@ def export(run: RunDir, wanted: str) -> list[str]:
     saved = run.latest(name)
     if saved is None:
         raise ConfigError(f"{name} has no readable checkpoint in {run.location}")
-    model, meta = model_from_checkpoint(saved[0], torch.device("cpu"))
+    model, meta = load_model(saved[0], torch.device("cpu"))
+    specialist = checkpoint_kind(meta) == "specialist"
     shape = [int(d) for d in meta["image_shape"]]
     example = torch.zeros(2, *shape)
     batch = torch.export.Dim("batch", min=1)
@@ -69,14 +70,14 @@ def export(run: RunDir, wanted: str) -> list[str]:
         torch.onnx.export(model, (example,), folder / f"{name}.onnx", dynamo=True,
                           dynamic_shapes={"x": {0: batch}}, input_names=["images"],
                           output_names=["logits"], external_data=False)
-    classes = len(meta["members"]) + 1 if "members" in meta else meta["classes"]
+    classes = len(meta["members"]) + 1 if specialist else meta["classes"]
     about = {"model": name, "epoch": meta["best_epoch"], "input": "images",
              "input_shape": ["batch", *shape], "input_dtype": "float32",
              "input_scale": "pixel / 255, in [0, 1]", "output": "logits",
              "output_shape": ["batch", classes],
              "val_errors": (meta.get("summary") or {}).get("val_errors"),
              "test_errors": (meta.get("summary") or {}).get("test_errors")}
-    if "members" in meta:
+    if specialist:
         about["classes"] = meta["members"] + ["dustbin"]
     (folder / f"{name}.json").write_text(json.dumps(about, indent=1) + "\n")
     return [f"{FOLDER}/{name}.{ext}" for ext in ("onnx", "pt2", "json")]

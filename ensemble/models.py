@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ensemble.config import ModelConfig
+from ensemble import checkpoint
+from ensemble.config import ModelConfig, parse
+from ensemble.errors import CheckpointError
+from specialists.specialist import SpecialistNet
 
 
 class MLP(nn.Module):
@@ -74,3 +77,36 @@ def apply_max_norm(model: nn.Module, max_norm: float) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_kind(meta: dict) -> str:
+    """What a checkpoint's model is: 'generalist', 'specialist' or 'student' (written by its
+    trainer); a checkpoint from before kinds were written is a specialist if it names members."""
+    return meta.get("kind") or ("specialist" if "members" in meta else "generalist")
+
+
+def load_model(blob: bytes, device: torch.device, which: str = "best") -> tuple[nn.Module, dict]:
+    """The model a checkpoint holds (its best weights by default) on `device`, in eval mode, and
+    the checkpoint's metadata. A specialist is its generalist's features with its own output
+    layer (its subset's classes and a dustbin)."""
+    tensors, meta = checkpoint.loads(blob)
+    try:
+        cfg = parse(ModelConfig, meta["model"], "model")
+        image_shape = tuple(int(d) for d in meta["image_shape"])
+        classes = int(meta.get("generalist_classes", meta["classes"]))
+    except Exception:
+        raise CheckpointError(f"checkpoint of '{meta.get('name')}' has no valid model "
+                              "description") from None
+    model = build_model(cfg, image_shape, classes)
+    if checkpoint_kind(meta) == "specialist":
+        model = SpecialistNet(model.features, nn.Linear(model.output.in_features,
+                                                        len(meta["members"]) + 1))
+    model = model.to(device)
+    prefix = which + "."
+    try:
+        model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                               if k.startswith(prefix)})
+    except RuntimeError:
+        raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit its own model "
+                              "description") from None
+    return model.eval(), meta

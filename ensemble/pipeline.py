@@ -24,12 +24,13 @@ from ray.exceptions import ActorUnavailableError, RayError
 from ensemble import checkpoint, figures
 from ensemble.actors import WORKER_ENV, check_resources, placement, run_task, start_actor
 from ensemble.config import ResourcesConfig, RunConfig
-from ensemble.data import Splits
+from ensemble.data import KNOWN_GROUPS, Splits
 from ensemble.errors import ConfigError, TrainingError
 from ensemble.report import temperature_grid
 from ensemble.stacked import why_not_stackable
 from ensemble.rundir import RunDir
 from ensemble.tracking import Tracker
+from specialists.clustering import pair_agreement
 
 UNAVAILABLE_RETRIES = 60  # an unreachable actor's epoch is asked again this often, ...
 UNAVAILABLE_PAUSE_S = 1.0  # ... this far apart (a dead node is noticed within seconds)
@@ -211,6 +212,10 @@ class Pipeline:
             with self.timed("coordinator"):
                 self.subsets = run_task("coordinate", self.cfg.generalists.resources, spec,
                                         teacher_ref, data_ref, device=cfg.device)
+            groups = KNOWN_GROUPS.get(self.splits.name)
+            if groups:  # how the subsets found compare with the groups known in advance
+                self.subsets.update(known_groups=groups, agreement=pair_agreement(
+                    self.subsets["subsets"], list(groups.values())))
             self.run.write_json("subsets.json", self.subsets)
             labels = list(self.splits.classes)
             self.tracker.image("run", "specialists/covariance", functools.partial(

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble import checkpoint
-from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
+from ensemble.config import ModelConfig, TrainConfig, to_dict
 from ensemble.data import Splits, augment, labels_to_device, to_device
 from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters
@@ -101,6 +101,7 @@ class Trainer:
     where batches come from by overriding `epoch_batches` (ensemble.streaming does).
     """
     streams = False  # True: the training examples come from epoch_batches, not from `data`
+    kind = "generalist"  # what its checkpoints hold (ensemble.models.checkpoint_kind)
 
     def __init__(self, name: str, model_cfg: ModelConfig, train_cfg: TrainConfig, data: Splits,
                  seed: int, threads: int = 1, device: str = "auto"):
@@ -308,7 +309,7 @@ class Trainer:
         tensors[f"rng.batches.{self.device.type}"] = self.batches.get_state()
         if self.rng_cuda is not None:
             tensors["rng.cuda"] = self.rng_cuda
-        meta = {"name": self.name, "epoch": self.epoch, "seed": self.seed,
+        meta = {"name": self.name, "kind": self.kind, "epoch": self.epoch, "seed": self.seed,
                 "model": to_dict(self.model_cfg), "train": to_dict(self.cfg),
                 "classes": self.classes, "image_shape": list(self.image_shape),
                 "best_epoch": self.best_epoch,
@@ -362,31 +363,3 @@ class Trainer:
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.best_state)
         return model.eval()
-
-
-def model_from_checkpoint(blob: bytes, device: torch.device,
-                          which: str = "best") -> tuple[nn.Module, dict]:
-    """The model a checkpoint holds (its best weights by default), in eval mode, and its metadata."""
-    tensors, meta = checkpoint.loads(blob)
-    try:
-        cfg = parse(ModelConfig, meta["model"], "model")
-        image_shape = tuple(int(d) for d in meta["image_shape"])
-        classes = int(meta.get("generalist_classes", meta["classes"]))
-    except Exception:
-        raise CheckpointError(f"checkpoint of '{meta.get('name')}' has no valid model "
-                              "description") from None
-    model = build_model(cfg, image_shape, classes)
-    if "members" in meta:  # a specialist: the generalist's features, its own output layer
-        from specialists.specialist import SpecialistNet
-
-        model = SpecialistNet(model.features, nn.Linear(model.output.in_features,
-                                                        len(meta["members"]) + 1))
-    model = model.to(device)
-    prefix = which + "."
-    try:
-        model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                               if k.startswith(prefix)})
-    except RuntimeError:
-        raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit its own model "
-                              "description") from None
-    return model.eval(), meta

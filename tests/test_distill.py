@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble.distill import Teacher, distillation_loss, soft_target_loss
+from ensemble.distill import distillation_loss, soft_target_loss
+from ensemble.teacher import Teacher
 
 
 def test_soft_target_loss_hand_computed():

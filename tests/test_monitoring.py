@@ -227,7 +227,7 @@ def test_export_runs_in_onnxruntime_like_the_trained_model(specialists_run, data
     from ensemble.config import DataConfig
     from ensemble.data import load_splits, to_device
     from ensemble.rundir import RunDir
-    from ensemble.train import model_from_checkpoint
+    from ensemble.models import load_model
 
     run, _ = specialists_run
     assert main(["export", str(run), "--model", "student"]) == 0
@@ -239,7 +239,7 @@ def test_export_runs_in_onnxruntime_like_the_trained_model(specialists_run, data
     assert about["input_shape"] == ["batch", 1, 8, 8] and about["output_shape"] == ["batch", 10]
     images = to_device(load_splits(DataConfig(val_size=100, download=False), data_root).test_x,
                        torch.device("cpu"))
-    model, _ = model_from_checkpoint(RunDir(run).latest(chosen)[0], torch.device("cpu"))
+    model, _ = load_model(RunDir(run).latest(chosen)[0], torch.device("cpu"))
     with torch.no_grad():
         expected = model(images).numpy()
     session = ort.InferenceSession(str(run / "export" / f"{chosen}.onnx"),

@@ -1,5 +1,7 @@
-"""The specialist stage without Ray: coordinator, specialist trainer, eq. 5 ensemble, student."""
+"""Section 5 without Ray: coordinator, specialist trainer, eq. 5 ensemble, and a student taught
+by it (specialists.coordinator, specialists.trainer, specialists.ensemble, ensemble.teacher)."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,9 +10,15 @@ import torch.nn.functional as F
 from ensemble.config import DataConfig, ModelConfig, SpecialistsConfig, StudentConfig, TrainConfig
 from ensemble.data import load_splits, to_device
 from ensemble.distill import Student
-from ensemble.specialize import Ensemble, SpecialistTrainer, coordinate, evaluate_ensemble
-from ensemble.train import Trainer, model_from_checkpoint
+from ensemble.data import labels_to_device
+from ensemble.models import load_model
+from ensemble.teacher import evaluate_ensemble, load_teacher
+from ensemble.train import Trainer
 from specialists.combine import active_specialists, combine, spread
+from specialists.coordinator import coordinate
+from specialists.trainer import SpecialistTrainer
+
+CPU = torch.device("cpu")
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.0, dropout_hidden=0.1)
 SPEC = SpecialistsConfig(k=3, train=TrainConfig(epochs=2, batch_size=50, lr=0.1, jitter=1))
@@ -29,7 +37,7 @@ def test_specialist_starts_as_its_generalist(setup):
     splits, blob = setup
     members = [2, 5, 7]
     spec = SpecialistTrainer("specialist-0", members, blob, SPEC, splits, seed=1)
-    gen, _ = model_from_checkpoint(blob, torch.device("cpu"))
+    gen, _ = load_model(blob, torch.device("cpu"))
     x = spec.x[:16]
     z, s = gen(x), spec.model.eval()(x)
     torch.testing.assert_close(s[:, :3], z[:, members])
@@ -39,20 +47,33 @@ def test_specialist_starts_as_its_generalist(setup):
 
 def test_specialist_trains_measures_and_resumes(setup):
     splits, blob = setup
-    straight = SpecialistTrainer("specialist-0", [2, 5, 7], blob, SPEC, splits, seed=1)
+    members = [2, 5, 7]
+    straight = SpecialistTrainer("specialist-0", members, blob, SPEC, splits, seed=1)
+    drawn, batches = [], straight.epoch_batches
+    def recorded():  # the batches the epoch really drew
+        for idx in batches():
+            drawn.append(idx.clone())
+            yield idx
+    straight.epoch_batches = recorded
     straight.train_epoch()
-    assert straight.measured == pytest.approx(0.5)
-    offset = float(straight.model.dustbin_offset)
-    assert offset == pytest.approx(torch.tensor(0.5 * (1 - straight.natural) /
-                                                (straight.natural * 0.5)).log().item())
+    # the subset's share of the drawn examples and of the training set, from the original labels
+    labels = torch.as_tensor(splits.train_y, dtype=torch.long)
+    is_member = torch.isin(labels, torch.tensor(members))
+    share = float(is_member[torch.cat(drawn)].float().mean())
+    natural = float(is_member.float().mean())
+    assert straight.measured == pytest.approx(share) and straight.natural == pytest.approx(natural)
+    assert abs(share - SPEC.fraction) < 0.02 and abs(natural - SPEC.fraction) > 0.1
+    assert float(straight.model.dustbin_offset) == pytest.approx(
+        math.log(share * (1 - natural) / (natural * (1 - share))))
     saved = straight.checkpoint()
     straight.train_epoch()
-    resumed = SpecialistTrainer("specialist-0", [2, 5, 7], blob, SPEC, splits, seed=1)
+    resumed = SpecialistTrainer("specialist-0", members, blob, SPEC, splits, seed=1)
     resumed.run_epoch(2, saved)
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    model, meta = model_from_checkpoint(resumed.checkpoint(), torch.device("cpu"))
-    assert meta["members"] == [2, 5, 7] and model(resumed.x[:2]).shape == (2, 4)
+    model, meta = load_model(resumed.checkpoint(), CPU)
+    assert meta["members"] == members and meta["kind"] == "specialist"
+    assert model(resumed.x[:2]).shape == (2, 4)
 
 
 def test_coordinator_ensemble_and_table4(setup):
@@ -66,20 +87,30 @@ def test_coordinator_ensemble_and_table4(setup):
         t.train_epoch()
         specs.append(t.checkpoint())
     result = evaluate_ensemble([blob], specs, SPEC, splits)
-    assert sum(r["examples"] for r in result["table4"]) == len(splits.test_y)
-    gen_right = sum(r["generalist_correct"] for r in result["table4"])
-    assert len(splits.test_y) - gen_right == result["test"]["generalist_errors"]
+    # against what is computed here without the ensemble's code
+    gen, _ = load_model(blob, CPU)
+    x, y = to_device(splits.test_x, CPU), labels_to_device(splits.test_y, CPU)
+    assert result["test"]["generalist_errors"] == int((gen(x).argmax(1) != y).sum())
+    cover = [sum(int(label) in s for s in subsets) for label in splits.test_y]
+    assert [(r["specialists"], r["examples"]) for r in result["table4"]] == \
+        [(n, cover.count(n)) for n in sorted(set(cover))]
     # with no specialists the ensemble is the generalist
     alone = evaluate_ensemble([blob], [], SPEC, splits)
     assert alone["test"]["ensemble_errors"] == alone["test"]["generalist_errors"]
-    # a student can learn from the combined q
+    # a student learns from softmax(log q / T), q solved here by eq. 5 on every input
     cfg = StudentConfig(model=ModelConfig(hidden=(16,), dropout_in=0, dropout_hidden=0),
                         train=TrainConfig(epochs=1, batch_size=50), temperature=2.0,
                         soft_targets="ensemble")
     student = Student("student", cfg, splits, [blob], seed=3, specialists=specs,
                       specialists_cfg=SPEC)
-    ens = Ensemble.from_checkpoints([blob], specs, SPEC, torch.device("cpu"))
-    torch.testing.assert_close(student.targets, ens.probs(student.x, 2.0))
+    with torch.no_grad():
+        xs = student.x
+        pg = F.softmax(gen(xs), 1)
+        P, d, S = spread([F.softmax(load_model(b, CPU)[0](xs), 1) for b in specs],
+                         [torch.tensor(m) for m in subsets], splits.num_classes)
+        q = combine(pg, P, d, S, active_specialists(pg, S, SPEC.top_n), SPEC.combine_tol,
+                    SPEC.combine_steps)
+    torch.testing.assert_close(student.targets, F.softmax(q.clamp_min(1e-30).log() / 2.0, 1))
     assert student.train_epoch()["loss"] > 0
 
 
@@ -95,7 +126,7 @@ def test_ensemble_runs_each_specialist_on_its_callers_only(setup):
     x = to_device(splits.test_x[:300], torch.device("cpu"))
     for top_n in (1, 2):
         cfg = dataclasses.replace(SPEC, top_n=top_n)
-        ens = Ensemble.from_checkpoints([blob], specs, cfg, torch.device("cpu"))
+        ens = load_teacher([blob], CPU, specialists=specs, specialists_cfg=cfg)
         pg, q, active = ens.predict(x)
         members = [torch.tensor(m) for m in ens.members]
         P, d, S = spread([F.softmax(m(x), 1) for m in ens.specialists], members, ens.classes)

@@ -9,7 +9,8 @@ from ensemble.data import load_splits
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.stacked import StackedStudents
-from ensemble.train import Trainer, model_from_checkpoint
+from ensemble.models import load_model
+from ensemble.train import Trainer
 
 TOLERANCE = 1e-4  # max |weight difference| after 3 epochs: batched vs plain matmul rounding
 
@@ -45,7 +46,7 @@ def test_stacked_students_match_one_by_one(setup):
     # the students differ (their seeds and temperatures), and each checkpoint is a student's
     first, second = (dict(m.model.named_parameters()) for m in stacked.members[:2])
     assert (first["output.weight"] - second["output.weight"]).abs().max() > 0.01
-    model, meta = model_from_checkpoint(blobs[1], torch.device("cpu"))
+    model, meta = load_model(blobs[1], torch.device("cpu"))
     assert meta["name"] == "student-1" and meta["epoch"] == 3
     # resumed from those checkpoints, a new stack goes on exactly as the old one
     more = StackedStudents(names, cfgs, splits, teachers, seeds)

@@ -6,7 +6,8 @@ from ensemble.config import DataConfig, ModelConfig, StudentConfig, TrainConfig
 from ensemble.data import load_splits
 from ensemble.distill import Student
 from ensemble.errors import CheckpointError, TrainingError
-from ensemble.train import Trainer, learning_rate, model_from_checkpoint, pick_device
+from ensemble.models import load_model
+from ensemble.train import Trainer, learning_rate, pick_device
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
 TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
@@ -128,7 +129,7 @@ def test_latest_falls_back_to_previous(tmp_path, splits):
     newest.write_bytes(newest.read_bytes()[:1000])
     blob, meta = checkpoint.load_latest(tmp_path)
     assert meta["epoch"] == 2
-    model, meta = model_from_checkpoint(blob, torch.device("cpu"))
+    model, meta = load_model(blob, torch.device("cpu"))
     assert meta["name"] == "g" and not model.training
 
 
@@ -168,7 +169,7 @@ def test_small_cnn_trains_on_colour_images(tmp_path):
     t = Trainer("c", cnn, TrainConfig(epochs=1, batch_size=30, jitter=2), data, seed=0)
     record = t.train_epoch()
     assert record["epoch"] == 1 and record["loss"] > 0
-    model, _ = model_from_checkpoint(t.checkpoint(), torch.device("cpu"))
+    model, _ = load_model(t.checkpoint(), torch.device("cpu"))
     assert model(t.x[:4]).shape == (4, 10)
 
 

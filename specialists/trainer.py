@@ -1,0 +1,66 @@
+"""§5.1: the trainer of one specialist. It starts from its generalist's weights with an output
+layer over its subset plus a dustbin, draws share `fraction` of each batch from the subset, and
+corrects the dustbin logit for that sampling (`specialists.specialist`)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ensemble import checkpoint
+from ensemble.config import ModelConfig, SpecialistsConfig, parse
+from ensemble.data import Splits
+from ensemble.errors import TrainingError
+from ensemble.models import load_model
+from ensemble.train import Trainer
+from specialists.specialist import (SpecialistNet, draw_batch, dustbin_offset, local_labels,
+                                    specialist_output)
+
+
+class SpecialistTrainer(Trainer):
+    """Trains one specialist: the generalist's weights, an output layer over `members` plus a
+    dustbin, batches with share `fraction` from the subset, and the dustbin correction."""
+    kind = "specialist"
+
+    def __init__(self, name: str, members: list[int], generalist: bytes, cfg: SpecialistsConfig,
+                 data: Splits, seed: int, threads: int = 1, device: str | torch.device = "auto"):
+        self.member_list, self.generalist_blob = [int(c) for c in members], generalist
+        self.fraction, self.full_classes = cfg.fraction, data.num_classes
+        model_cfg = parse(ModelConfig, checkpoint.read_meta(generalist)["model"], "model")
+        super().__init__(name, model_cfg, cfg.train, data, seed, threads, device)
+        members_t = torch.tensor(self.member_list, device=self.device)
+        inside = torch.isin(self.y, members_t)
+        self.inside, self.outside = inside.nonzero().flatten(), (~inside).nonzero().flatten()
+        if len(self.inside) == 0 or len(self.outside) == 0:
+            raise TrainingError(f"{name}: the training set needs examples both in and out of "
+                                f"its subset {self.member_list}")
+        self.natural = len(self.inside) / len(self.y)
+        self.measured = cfg.fraction
+        self.classes = len(self.member_list) + 1
+        self.y = local_labels(self.y, members_t, self.full_classes)
+        self.val = (self.val[0], local_labels(self.val[1], members_t, self.full_classes))
+        self.test = (self.test[0], local_labels(self.test[1], members_t, self.full_classes))
+        self._set_offset()
+
+    def make_model(self, data: Splits) -> nn.Module:
+        base, _ = load_model(self.generalist_blob, torch.device("cpu"))
+        members = torch.tensor(self.member_list)
+        return SpecialistNet(base.features, specialist_output(base.output, members)).train()
+
+    def epoch_batches(self):
+        steps = -(-len(self.y) // self.cfg.batch_size)
+        drawn_in = torch.zeros((), dtype=torch.long, device=self.device)
+        for _ in range(steps):
+            idx = draw_batch(self.inside, self.outside, self.cfg.batch_size, self.fraction,
+                             self.batches)
+            drawn_in += (self.y[idx] < len(self.member_list)).sum()  # measured, not assumed
+            yield idx
+        self.measured = int(drawn_in) / (steps * self.cfg.batch_size)
+        self._set_offset()  # before the epoch's evaluation, which sees the corrected logits
+
+    def _set_offset(self) -> None:
+        self.model.dustbin_offset.fill_(dustbin_offset(self.measured, self.natural))
+
+    def extra_meta(self) -> dict:
+        return {"members": self.member_list, "generalist_classes": self.full_classes,
+                "fraction_measured": self.measured, "natural_share": self.natural,
+                "dustbin_offset": float(self.model.dustbin_offset)}
