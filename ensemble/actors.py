@@ -6,8 +6,12 @@ a restarted actor resumes from the checkpoint the driver hands it (`Trainer.run_
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
+import shutil
+import tempfile
 
 import ray
 
@@ -111,12 +115,17 @@ def placement(actor):
     return actor.__ray_call__.remote(where)
 
 
-def run_task(task: str, res: ResourcesConfig, *args, device: str = "auto"):
-    """Run the pure function `task` on the cluster with the resources of `res`, on the device
-    Ray assigns it; return its result."""
-    return ray.get(TASKS[task].options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                       max_retries=res.max_task_retries).remote(*args,
-                                                                                device=device))
+def submit_task(task: str, res: ResourcesConfig, *args, device: str = "auto"):
+    """Start the pure function `task` on the cluster with the resources of `res`, on the device
+    Ray assigns it; return the ref of its result."""
+    return TASKS[task].options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                               max_retries=res.max_task_retries).remote(*args, device=device)
+
+
+def fits_a_live_node(res: ResourcesConfig) -> bool:
+    """Whether some live node of the cluster holds `res` (else only a new node would)."""
+    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return _holds(live, {"CPU": res.num_cpus, "GPU": res.num_gpus})
 
 
 def check_resources(requests: dict[str, ResourcesConfig],
@@ -152,3 +161,40 @@ def _holds(nodes: list[dict], want: dict[str, float]) -> bool:
 
 def _most(nodes: list[dict], key: str) -> float:
     return max((node.get(key, 0) for node in nodes), default=0)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, namespace: str):
+    """Connect to `address`, or start a local Ray with a temporary directory of its own; reuse a
+    Ray this process already started (tests; its own runtime_env then stands). Everything
+    started here is stopped on exit.
+    Yields the dashboard's address, if the Ray has one."""
+    if ray.is_initialized():
+        yield None
+        return
+    temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
+    try:
+        # a local Ray on loopback (Ray swaps 127.0.0.1 for the routable address unless
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before it was imported; the CLI does it),
+        # whose workers import the trainers (torch) as they start, before any actor asks for
+        # one: Ray starts a worker per CPU with the driver, so the first actors find one ready
+        local = {} if address else {"_node_ip_address": "127.0.0.1", "_system_config": {
+            "preload_python_modules": ["ensemble.actors"]}}
+        # every worker of the run sees only the GPUs Ray assigned it (none: CUDA_VISIBLE_DEVICES
+        # is empty); Ray merges these env_vars into a submitted job's own runtime_env, which
+        # must not name them again (the driver has that job's env_vars)
+        env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
+        context = ray.init(address=address, namespace=namespace, _temp_dir=temp,
+                           logging_level=logging.WARNING,
+                           runtime_env={"env_vars": env} if env else None, **local)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise ConfigError(f"cannot start or reach {where}: {str(err).splitlines()[0]}") from None
+    try:
+        yield getattr(context, "dashboard_url", None)
+    finally:
+        ray.shutdown()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)

@@ -233,12 +233,14 @@ PHASES = ("ray start", "data placement", "generalists", "coordinator", "speciali
 
 
 def timings_section(timings: dict | None, models: dict[str, dict]) -> str:
-    """Markdown: the driver's wall time by phase (the stages include starting their actors and
-    the checkpoint writing, shown apart as well), and the actors' training and evaluating time."""
+    """Markdown: the driver's wall time by phase (a stage runs from its first job's start to its
+    last job's end, so stages overlap; they include starting their actors and the checkpoint
+    writing, shown apart as well), and the actors' training and evaluating time."""
     if not timings:
         return ""
     total = timings["total"]
-    lines = ["", "## Where the time went", "", "| phase | seconds | share |", "|---|---:|---:|"]
+    lines = ["", "## Where the time went", "", "Stages overlap: each runs from its first job's "
+             "start to its last job's end.", "", "| phase | seconds | share |", "|---|---:|---:|"]
     for phase in PHASES + ("checkpoint writing",):
         if phase in timings:
             label = "of which checkpoint writing" if phase == "checkpoint writing" else phase

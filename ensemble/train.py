@@ -244,7 +244,7 @@ class Trainer:
             "epoch": self.epoch, "loss": mean_loss, "lr": lr,
             "val_errors": val_errors, "test_errors": test_errors,
             "samples_per_s": n / train_seconds, "train_seconds": train_seconds,
-            "seconds": time.perf_counter() - start,
+            "seconds": time.perf_counter() - start, "finished_at": time.time(),
             "best_epoch": self.best_epoch, "best_val_errors": self.best_val_errors,
         }
         self.history.append(record)

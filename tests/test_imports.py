@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ensemble", "specialists")
-RAY_LAYER = {"ensemble.actors", "ensemble.pipeline"}  # the only modules that import Ray at once
+RAY_LAYER = {"ensemble.actors", "ensemble.scheduler", "ensemble.pipeline"}  # they import Ray
 
 
 def modules() -> dict[str, Path]:

@@ -1,0 +1,152 @@
+"""What a run's jobs produce, kept where people look: checkpoints and metrics.json in the run
+directory, a line per epoch in the terminal, scalars, hyperparameters and figures in TensorBoard,
+and the driver's time by phase. The scheduler calls it; it never decides what runs."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+
+from ensemble import checkpoint, figures
+from ensemble.config import RunConfig
+from ensemble.data import Splits
+from ensemble.rundir import RunDir
+from ensemble.tracking import Tracker
+
+PHASE_OF_ROLE = {"generalist": "generalists", "specialist": "specialists", "student": "students",
+                 "stack": "students"}
+
+
+class Recorder:
+    def __init__(self, cfg: RunConfig, run: RunDir, splits: Splits, tracker: Tracker):
+        self.cfg, self.run, self.splits, self.tracker = cfg, run, splits, tracker
+        self.timings: dict[str, float] = {}  # driver wall seconds per phase (summary.md, TB)
+        self._spans: dict[str, list[float]] = {}  # phase -> [first start, last end]
+        self._classes: dict[str, list[int]] = {}  # specialist -> the classes of its subset
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
+
+    def _span(self, phase: str, end: bool = False) -> None:
+        """A phase's wall time runs from its first job's start to its last job's end (phases
+        overlap: students taught by the generalists train while the specialists do)."""
+        now = time.perf_counter()
+        span = self._spans.setdefault(phase, [now, now])
+        if end:
+            span[1] = now
+            self.timings[phase] = span[1] - span[0]
+
+    def subsets_figures(self, report: dict) -> None:
+        """The coordinator's covariance and subsets, in TensorBoard."""
+        labels = list(self.splits.classes)
+        self.tracker.image("run", "specialists/covariance", functools.partial(
+            figures.covariance, report["covariance"], labels,
+            "Covariance of predicted probabilities"))
+        self.tracker.image("run", "specialists/subsets",
+                           functools.partial(figures.subsets, report["subsets"], labels))
+
+    def ensemble_figures(self, ensemble: dict) -> None:
+        """Eq. 5's test confusion matrix, and a line comparing it with the generalists'."""
+        self.tracker.image("ensemble", "confusion/test", functools.partial(
+            figures.confusion, ensemble["test"]["ensemble_confusion"],
+            list(self.splits.classes), "generalists + specialists"))
+        test = ensemble["test"]
+        self.tracker.line(f"{'ensemble':<16} test errors: generalists {test['generalist_errors']}, "
+                          f"with specialists {test['ensemble_errors']}")
+
+    # ------------------------------------------------------------ what the scheduler reports ----
+    def saved(self, name: str) -> tuple[bytes, dict] | None:
+        """The newest readable checkpoint of model `name` in the run directory, if any."""
+        return self.run.latest(name)
+
+    def line(self, text: str) -> None:
+        self.tracker.line(text)
+
+    def started(self, job) -> None:
+        self._span(PHASE_OF_ROLE[job.spec.role])
+        for one in job.members or [job]:
+            self.tracker.started(one.name, job.epoch, job.spec.epochs)
+
+    def started_task(self, job) -> None:
+        self._span(job.name)
+
+    def epoch(self, job, record: dict, blob: bytes) -> dict:
+        """A model's epoch came back: its checkpoint saved and its metrics shown; returns the
+        model's summary so far."""
+        with self.timed("checkpoint writing"):
+            checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
+        self.tracker.epoch(job.name, job.spec.epochs, record)
+        meta = checkpoint.read_meta(blob)
+        if "members" in meta:  # a specialist's classes, for its figures
+            self._classes[job.name] = meta["members"]
+        return meta["summary"]
+
+    def finished(self, job) -> None:
+        """A job finished. A model trained in this session: TensorBoard's hyperparameters with its
+        final numbers, and its test confusion matrix (a specialist's over its own classes and
+        the dustbin)."""
+        role = job.spec.role
+        if role in ("task", "step"):
+            if job.name in self._spans:
+                self._span(job.name, end=True)
+            return
+        if not job.placed:  # finished in an earlier session
+            return
+        self._span(PHASE_OF_ROLE[role], end=True)
+        self.tracker.done(job.name)
+        self.tracker.finished(job.name, model_hparams(self.cfg, job.spec), job.summary)
+        matrix = job.summary.get("test_confusion")
+        if matrix:
+            labels = list(self.splits.classes)
+            if role == "specialist":
+                labels = [labels[c] for c in self._classes[job.name]] + ["dustbin"]
+            self.tracker.image(job.name, "confusion/test",
+                               functools.partial(figures.confusion, matrix, labels, job.name),
+                               job.epoch)
+
+    def failed(self, job) -> None:
+        if job.spec.role in PHASE_OF_ROLE and job.placed:
+            self._span(PHASE_OF_ROLE[job.spec.role], end=True)
+        self.tracker.done(job.name)
+        self.tracker.line(f"{job.name:<16} failed: {job.error}")
+
+    def write(self, scheduler) -> None:
+        """metrics.json as it stands, mirrored to the run's URI if it has one."""
+        self.run.write_metrics(self.results(scheduler))
+        self.run.sync()
+
+    def results(self, scheduler) -> dict[str, dict]:
+        """Every model: its role, status, error, placement, summary and epochs (metrics.json)."""
+        return {job.name: {"role": job.spec.role, "status": job.status(), "error": job.error,
+                           "test_size": len(self.splits.test_y), "val_size": len(self.splits.val_y),
+                           "placement": job.placement, "started_at": job.started_at,
+                           "summary": job.summary,
+                           "history": job.history}
+                for job in scheduler.models()}
+
+
+def model_hparams(cfg: RunConfig, spec) -> dict:
+    """What TensorBoard's HParams view shows of one model: its layers and training recipe."""
+    model, train, extra = cfg.generalists.model, cfg.generalists.train, {}
+    if spec.role == "specialist":
+        train, extra = cfg.specialists.train, {"fraction": cfg.specialists.fraction}
+    elif spec.role == "student":
+        student = cfg.students[spec.key.split(".", 1)[1]]
+        model, train = student.model, student.train
+        extra = {"temperature": student.temperature, "alpha": student.alpha,
+                 "soft_targets": student.soft_targets if student.uses_teacher else "none",
+                 "transfer": ("without " + ",".join(map(str, student.drop_classes))
+                              if student.drop_classes else
+                              "only " + ",".join(map(str, student.keep_classes))
+                              if student.keep_classes else "all"),
+                 "transfer_size": student.transfer_size}
+    return {"role": spec.role, "hidden": "x".join(map(str, model.hidden)), "kind": model.kind,
+            "dropout_in": model.dropout_in, "dropout_hidden": model.dropout_hidden,
+            "max_norm": model.max_norm, "epochs": train.epochs, "batch_size": train.batch_size,
+            "lr": train.lr, "schedule": train.schedule, "jitter": train.jitter,
+            "elastic": train.elastic, "precision": train.precision, **extra}

@@ -1,0 +1,320 @@
+"""Typed jobs on Ray, started as soon as what they wait for exists.
+
+A job is a `JobSpec` (its name, role, config key, seed, resources, epochs and the jobs it waits
+for) and one of three kinds:
+- a model trained epoch by epoch on an actor (generalist, specialist, student), or several
+  students trained as one stacked model (a stack: one actor, a record and a checkpoint per
+  member);
+- a task: one Ray call whose result the recipe needs (the coordinator, eq. 5's evaluation);
+- a step on the driver (putting finished checkpoints into the object store).
+The scheduler owns `ray.wait`, the epoch calls, retries of unreachable actors, the watchdog and
+the checkpoints coming back; what happens to them (files, TensorBoard, the terminal) is the
+`Recorder`'s, and what runs when is the recipe's (ensemble.pipeline). Jobs on the critical path
+(`critical`: generalists -> coordinator -> specialists) take free resources first; the others
+fill what is left; a job that fits no live node is started at once, so the autoscaler sees it.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayError
+
+from ensemble.actors import fits_a_live_node, placement, start_actor
+from ensemble.config import ResourcesConfig
+from ensemble.errors import TrainingError
+
+UNAVAILABLE_RETRIES = 60  # an unreachable actor's epoch is asked again this often, ...
+UNAVAILABLE_PAUSE_S = 1.0  # ... this far apart (a dead node is noticed within seconds)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job is and what it needs, by name: never a tuple read back by position."""
+    name: str  # its actor's name and its checkpoints' folder
+    role: str  # generalist, specialist, student or stack; task or step for the rest
+    key: str = ""  # its section of the config: generalists, specialists, students.<name>
+    seed: int = 0
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    epochs: int = 0
+    waits_for: tuple[str, ...] = ()  # jobs that must have finished before this one starts
+    critical: bool = False  # on the critical path: started before the others
+    trainer: str = ""  # which remote trainer (ensemble.actors.REMOTE), if not its role's
+    members: tuple[JobSpec, ...] = ()  # a stack: the students it trains as one model
+
+
+@dataclass
+class Job:
+    """A job and where it stands."""
+    spec: JobSpec
+    make: Callable[[], tuple[tuple, dict]] | None = None  # its trainer's arguments, at start
+    call: Callable[[], object] | None = None  # a task: starts its one call, returns the ref
+    then: Callable[[Job], None] | None = None  # run once it has finished
+    epoch: int = 0
+    blob: object = None  # latest checkpoint: bytes, or the ObjectRef an epoch returned
+    history: list = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    result: object = None  # a task's result
+    error: str | None = None
+    done: bool = False
+    actor: object = None
+    placement: dict | None = None  # node, GPU ids and device of its actor, as last reported
+    placement_ref: object = None
+    unavailable: int = 0  # epoch calls in a row that found the actor unreachable
+    new_node: bool = False  # fits no live node: waits for the autoscaler (scale_up_s)
+    placed: bool = False  # finished an epoch in this session
+    started_at: float | None = None  # when its actor or call was started (time.time())
+    members: list[Job] = field(default_factory=list)  # a stack's students
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def finished(self) -> bool:
+        return self.done if self.spec.role in ("task", "step") else self.epoch >= self.spec.epochs
+
+    def status(self) -> str:
+        return "failed" if self.error else "finished" if self.finished else "training"
+
+
+class Scheduler:
+    """Runs jobs on the Ray this process is connected to; `recorder` keeps what they produce."""
+
+    def __init__(self, recorder, namespace: str, device: str, watchdog_s: float,
+                 scale_up_s: float):
+        self.recorder, self.namespace, self.device = recorder, namespace, device
+        self.watchdog_s, self.scale_up_s = watchdog_s, scale_up_s
+        self.jobs: dict[str, Job] = {}  # every job, in the order it was added
+        self.active: dict[object, tuple[Job, object]] = {}  # ref -> (job, its checkpoint's ref)
+
+    # ------------------------------------------------------------ adding jobs --------------------
+    def train(self, spec: JobSpec, make: Callable[[], tuple[tuple, dict]],
+              then: Callable[[Job], None] | None = None) -> Job:
+        """A model (or a stack) trained epoch by epoch; `make()` gives its trainer's positional
+        and keyword arguments (device aside) when it starts. A model with saved epochs goes on
+        from the last one."""
+        job = self._add(Job(spec, make=make, then=then))
+        for one in [job] + [self._add(Job(m)) for m in spec.members]:
+            saved = self.recorder.saved(one.name)
+            if saved is not None:
+                one.blob, meta = saved
+                one.epoch, one.history, one.summary = meta["epoch"], meta["history"], \
+                    meta["summary"]
+        if spec.members:
+            job.members = [self.jobs[m.name] for m in spec.members]
+            job.epoch = job.members[0].epoch
+            job.blob = [m.blob for m in job.members]
+        if job.finished:  # in an earlier session
+            for one in job.members or [job]:
+                self.recorder.line(f"{one.name:<16} finished earlier ({one.epoch} epochs)")
+        return job
+
+    def task(self, spec: JobSpec, call: Callable[[], object],
+             then: Callable[[Job], None] | None = None) -> Job:
+        """One Ray call (`call()` starts it and returns its ref); `then(job)` sees job.result."""
+        return self._add(Job(spec, call=call, then=then))
+
+    def step(self, spec: JobSpec, then: Callable[[Job], None]) -> Job:
+        """Work on the driver, done once what it waits for has finished."""
+        return self._add(Job(spec, then=then))
+
+    def _add(self, job: Job) -> Job:
+        if job.name in self.jobs:
+            raise ValueError(f"two jobs are named {job.name}")
+        self.jobs[job.name] = job
+        return job
+
+    # ------------------------------------------------------------ running ------------------------
+    def run(self) -> None:
+        """Start what can start, wait for the next result, repeat until nothing is left; a job
+        whose inputs never came is failed with the reason. Every actor is stopped on the way out."""
+        try:
+            while True:
+                self._start_ready()
+                if not self.active:
+                    break
+                self._next()
+        finally:
+            for job in self.jobs.values():
+                self._stop(job)
+        for job in self._pending():
+            missing = [n for n in job.spec.waits_for if not self._ok(n)]
+            self._fail(job, f"not trained: {', '.join(missing)} did not finish")
+
+    def _pending(self) -> list[Job]:
+        """Jobs not started, not finished and not failed: critical ones first, then by age."""
+        running = {id(job) for job, _ in self.active.values()}
+        in_stacks = {m.name for j in self.jobs.values() for m in j.spec.members}
+        waiting = [j for j in self.jobs.values() if not j.error and not j.finished
+                   and id(j) not in running and j.name not in in_stacks]
+        return sorted(waiting, key=lambda j: not j.spec.critical)
+
+    def _ok(self, name: str) -> bool:
+        job = self.jobs.get(name)
+        return job is not None and job.finished and not job.error
+
+    def _start_ready(self) -> None:
+        total: dict | None = None  # the cluster's resources, asked once per round
+        changed = True
+        while changed:  # a step that finishes, or a job that fails, may free others
+            changed = False
+            for job in self._pending():
+                failed = [n for n in job.spec.waits_for if n in self.jobs and self.jobs[n].error]
+                if failed:
+                    self._fail(job, f"not trained: {', '.join(failed)} did not finish")
+                    changed = True
+                    continue
+                if not all(self._ok(n) for n in job.spec.waits_for):
+                    continue
+                if total is None and job.spec.role != "step":
+                    total = ray.cluster_resources()
+                if self._room_for(job, total):
+                    self._start(job)
+                    changed = True
+
+    def _room_for(self, job: Job, total: dict | None) -> bool:
+        """Whether `job` may start now: it fits what the cluster (`total`) has left after this
+        run's running jobs, or nothing of this run runs, or no live node can ever hold it."""
+        if job.spec.role == "step" or not self.active:
+            return True
+        res = job.spec.resources
+        held_cpu = sum(j.spec.resources.num_cpus for j, _ in self.active.values())
+        held_gpu = sum(j.spec.resources.num_gpus for j, _ in self.active.values())
+        return (held_cpu + res.num_cpus <= total.get("CPU", 0) + 1e-9
+                and held_gpu + res.num_gpus <= total.get("GPU", 0) + 1e-9) \
+            or not fits_a_live_node(res)
+
+    def _start(self, job: Job) -> None:
+        spec = job.spec
+        if spec.role == "step":
+            job.done = True
+            self._finish(job)
+            return
+        job.new_node = not fits_a_live_node(spec.resources)
+        job.started_at = time.time()
+        for member in job.members:
+            member.started_at = job.started_at
+        if spec.role == "task":
+            self.recorder.started_task(job)
+            self.active[job.call()] = job, None
+            return
+        args, kwargs = job.make()
+        job.actor = start_actor(spec.trainer or spec.role, job.name, self.namespace,
+                                spec.resources, *args, device=self.device, **kwargs)
+        self.recorder.started(job)
+        self._submit(job)
+
+    def _submit(self, job: Job) -> None:
+        """Ask `job`'s actor where it runs and for its next epoch from its last checkpoint."""
+        job.placement_ref = placement(job.actor)
+        record_ref, blob_ref = job.actor.run_epoch.options(num_returns=2).remote(
+            job.epoch + 1, job.blob)
+        self.active[record_ref] = job, blob_ref
+
+    def _next(self) -> None:
+        """Wait for one result (an epoch or a task) and act on it."""
+        waiting = [job for job, _ in self.active.values()]
+        scaling = [j for j in waiting if j.new_node and not j.placed]
+        bound = self.scale_up_s if scaling else self.watchdog_s
+        ready, _ = ray.wait(list(self.active), num_returns=1, timeout=bound or None)
+        if not ready:
+            raise TrainingError(_watchdog_message(bound, scaling, waiting))
+        job, blob_ref = self.active.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+            blob = ray.get(blob_ref) if blob_ref is not None else None
+        except RayError as err:
+            if isinstance(err, ActorUnavailableError) and job.unavailable < UNAVAILABLE_RETRIES:
+                # its node died or it is restarting, and Ray gave up on the call before it
+                # noticed: the actor comes back (max_restarts); ask for the epoch again
+                job.unavailable += 1
+                time.sleep(UNAVAILABLE_PAUSE_S)
+                self._submit(job)
+                return
+            self._fail(job, _reason(err))
+            return
+        if job.spec.role == "task":
+            job.result, job.done = result, True
+            self._finish(job)
+            return
+        self._epoch(job, ready[0], result, blob_ref, blob)
+
+    def _epoch(self, job: Job, record_ref, record, blob_ref, blob) -> None:
+        """An epoch came back: the actor trains on at once while its checkpoint is recorded."""
+        job.blob, job.unavailable, job.placed = blob_ref, 0, True
+        with contextlib.suppress(RayError):  # lost in a restart: asked again next epoch
+            job.placement = ray.get(job.placement_ref)
+        job.epoch = (record[0] if job.members else record)["epoch"]
+        if not job.finished:
+            self._submit(job)
+        if job.members:  # a stack: a record and a checkpoint per member
+            for member, one, member_blob in zip(job.members, record, blob):
+                member.placement, member.placed = job.placement, True
+                self._record_epoch(member, one, member_blob)
+        else:
+            self._record_epoch(job, record, blob)
+            job.blob = blob_ref
+        self.recorder.write(self)
+        if job.finished:
+            self._stop(job)
+            self._finish(job)
+
+    def _record_epoch(self, job: Job, record: dict, blob: bytes) -> None:
+        job.epoch, job.blob = record["epoch"], blob
+        job.history.append(record)
+        job.summary = self.recorder.epoch(job, record, blob)
+
+    def _finish(self, job: Job) -> None:
+        for one in job.members or [job]:
+            self.recorder.finished(one)
+        if job.then is not None:
+            job.then(job)
+
+    def _fail(self, job: Job, reason: str) -> None:
+        self._stop(job)
+        for one in [job] + job.members:
+            one.error = reason
+        for one in job.members or [job]:
+            self.recorder.failed(one)
+        self.recorder.write(self)
+
+    def _stop(self, job: Job) -> None:
+        if job.actor is not None:
+            ray.kill(job.actor, no_restart=True)
+            job.actor = None
+
+    # ------------------------------------------------------------ results ------------------------
+    def failed_tasks(self) -> list[Job]:
+        """Tasks (the coordinator, the combination) that failed or never ran."""
+        return [j for j in self.jobs.values() if j.spec.role == "task" and j.error]
+
+    def models(self) -> list[Job]:
+        """Every model of the run (a stack's members, not the stack), in the order added."""
+        return [j for j in self.jobs.values()
+                if j.spec.role not in ("task", "step", "stack")]
+
+
+def _watchdog_message(bound: float, scaling: list[Job], waiting: list[Job]) -> str:
+    def named(jobs):
+        return ", ".join(f"{j.name} (CPU {j.spec.resources.num_cpus:g}, GPU "
+                         f"{j.spec.resources.num_gpus:g})" for j in jobs)
+    if scaling:
+        return (f"waited {bound:g} s (autoscaler.scale_up_s) for the autoscaler to add a node "
+                f"for {named(scaling)}; see 'ray status' for why it did not, or lower the "
+                f"request")
+    return (f"no model finished an epoch in {bound:g} s (watchdog_s); still waiting: "
+            f"{named(waiting)}. If the cluster cannot place these requests, lower them; if "
+            f"epochs are this slow, raise watchdog_s")
+
+
+def _reason(err: RayError) -> str:
+    """One line for why a remote call failed: the trainer's own message where there is one."""
+    cause = getattr(err, "cause", None)
+    if cause is not None and str(cause):
+        return str(cause).strip().splitlines()[-1]
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
