@@ -54,8 +54,10 @@ class Metered:
     def __init__(self, *args, device: str = "auto", **kwargs):
         super().__init__(*args, device=assigned_device(device), **kwargs)
 
-    def run_epoch(self, epoch: int, last: bytes | None = None):
-        record, blob = super().run_epoch(epoch, last)
+    def run_epoch(self, epoch: int, last: bytes | None = None, keep: bool = True):
+        record, blob = super().run_epoch(epoch, last, keep)
+        if record is None:  # it needs its checkpoint first
+            return record, blob
         if not hasattr(self, "_gauges"):
             from ray.util.metrics import Gauge
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, from_dict, \
+from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, parse, \
     load_config, resume_conflicts, to_dict
 from ensemble.errors import ConfigError, EnsembleError
 
@@ -132,7 +132,7 @@ def _resumed_config(args, run: RunDir) -> RunConfig:
     if args.config:
         cfg = load_config(args.config, args.set)
     else:
-        cfg = from_dict(apply_overrides(to_dict(saved), args.set))
+        cfg = parse(RunConfig, apply_overrides(to_dict(saved), args.set))
     if cfg.generalists.from_run and cfg.generalists.from_run == saved.generalists.from_run:
         cfg = dataclasses.replace(cfg, generalists=saved.generalists)  # as taken over
     changed = resume_conflicts(saved, cfg)

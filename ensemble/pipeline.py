@@ -240,10 +240,13 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
         with recorder.timed("data placement"):
             data_ref = ray.put(splits)
         sched = Scheduler(recorder, namespace, cfg.device, cfg.watchdog_s,
-                          cfg.autoscaler.scale_up_s)
+                          cfg.autoscaler.scale_up_s, cfg.checkpoint_every)
         recipe = Recipe(cfg, sched, recorder, data_ref, stream)
-        recipe.plan()
-        sched.run()
+        try:
+            recipe.plan()
+            sched.run()
+        finally:
+            recorder.flush()  # what came back is on disk, whatever stopped the run
     recorder.timings["total"] = time.perf_counter() - started
     results = recorder.results(sched)
     run.write_metrics(results, recorder.timings)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ensemble import checkpoint, figures
 from ensemble.config import RunConfig
@@ -23,6 +24,9 @@ class Recorder:
         self.timings: dict[str, float] = {}  # driver wall seconds per phase (summary.md, TB)
         self._spans: dict[str, list[float]] = {}  # phase -> [first start, last end]
         self._classes: dict[str, list[int]] = {}  # specialist -> the classes of its subset
+        # files are written on a thread of their own, in order, off the scheduler's path
+        self._files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-dir")
+        self._writes: list[Future] = []
 
     @contextlib.contextmanager
     def timed(self, phase: str):
@@ -75,12 +79,13 @@ class Recorder:
     def started_task(self, job) -> None:
         self._span(job.name)
 
-    def epoch(self, job, record: dict, blob: bytes) -> dict:
-        """A model's epoch came back: its checkpoint saved and its metrics shown; returns the
-        model's summary so far."""
-        with self.timed("checkpoint writing"):
-            checkpoint.save_epoch(self.run.checkpoints(job.name), record["epoch"], blob)
+    def epoch(self, job, record: dict, blob: bytes | None) -> dict:
+        """A model's epoch came back: its metrics shown, its checkpoint (if one came) saved;
+        returns the model's summary as of its last checkpoint."""
         self.tracker.epoch(job.name, job.spec.epochs, record)
+        if blob is None:
+            return job.summary
+        self._later(self._save, job.name, record["epoch"], blob)
         meta = checkpoint.read_meta(blob)
         if "members" in meta:  # a specialist's classes, for its figures
             self._classes[job.name] = meta["members"]
@@ -117,8 +122,30 @@ class Recorder:
 
     def write(self, scheduler) -> None:
         """metrics.json as it stands, mirrored to the run's URI if it has one."""
-        self.run.write_metrics(self.results(scheduler))
+        self._later(self._metrics, self.results(scheduler))
+
+    # ------------------------------------------------------------ files, in the background ------
+    def _save(self, name: str, epoch: int, blob: bytes) -> None:
+        with self.timed("checkpoint writing"):
+            checkpoint.save_epoch(self.run.checkpoints(name), epoch, blob)
+
+    def _metrics(self, results: dict) -> None:
+        self.run.write_metrics(results)
         self.run.sync()
+
+    def _later(self, write, *args) -> None:
+        """`write(*args)` on the files' thread, after those before it; a write that failed
+        raises here, at the next one."""
+        for done in [w for w in self._writes if w.done()]:
+            self._writes.remove(done)
+            done.result()
+        self._writes.append(self._files.submit(write, *args))
+
+    def flush(self) -> None:
+        """Wait until every file is written; raise the first write that failed."""
+        writes, self._writes = self._writes, []
+        for write in writes:
+            write.result()
 
     def results(self, scheduler) -> dict[str, dict]:
         """Every model: its role, status, error, placement, summary and epochs (metrics.json)."""

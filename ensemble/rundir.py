@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ensemble import checkpoint
-from ensemble.config import RunConfig, from_dict, to_dict
+from ensemble.config import RunConfig, parse, to_dict
 from ensemble.errors import CheckpointError, ConfigError
 
 
@@ -114,7 +114,7 @@ class RunDir:
             raw = yaml.safe_load(self.config_path.read_text())
         except yaml.YAMLError:
             raise ConfigError(f"'{self.config_path}' is not valid YAML") from None
-        return from_dict(raw)
+        return parse(RunConfig, raw)
 
     def create(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,8 @@ def timings_section(timings: dict | None, models: dict[str, dict]) -> str:
              "start to its last job's end.", "", "| phase | seconds | share |", "|---|---:|---:|"]
     for phase in PHASES + ("checkpoint writing",):
         if phase in timings:
-            label = "of which checkpoint writing" if phase == "checkpoint writing" else phase
+            label = "checkpoint writing, in the background" if phase == "checkpoint writing" \
+                else phase
             lines.append(f"| {label} | {timings[phase]:.1f} | {timings[phase] / total:.0%} |")
     lines.append(f"| total | {total:.1f} | 100% |")
     epochs = [r for m in models.values() for r in m.get("history", [])]

@@ -55,6 +55,7 @@ class Job:
     then: Callable[[Job], None] | None = None  # run once it has finished
     epoch: int = 0
     blob: object = None  # latest checkpoint: bytes, or the ObjectRef an epoch returned
+    saved_epoch: int = 0  # the epoch that checkpoint is of
     history: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     result: object = None  # a task's result
@@ -85,9 +86,10 @@ class Scheduler:
     """Runs jobs on the Ray this process is connected to; `recorder` keeps what they produce."""
 
     def __init__(self, recorder, namespace: str, device: str, watchdog_s: float,
-                 scale_up_s: float):
+                 scale_up_s: float, checkpoint_every: int = 1):
         self.recorder, self.namespace, self.device = recorder, namespace, device
         self.watchdog_s, self.scale_up_s = watchdog_s, scale_up_s
+        self.checkpoint_every = checkpoint_every
         self.jobs: dict[str, Job] = {}  # every job, in the order it was added
         self.active: dict[object, tuple[Job, object]] = {}  # ref -> (job, its checkpoint's ref)
 
@@ -104,9 +106,10 @@ class Scheduler:
                 one.blob, meta = saved
                 one.epoch, one.history, one.summary = meta["epoch"], meta["history"], \
                     meta["summary"]
+                one.saved_epoch = one.epoch
         if spec.members:
             job.members = [self.jobs[m.name] for m in spec.members]
-            job.epoch = job.members[0].epoch
+            job.epoch = job.saved_epoch = job.members[0].epoch
             job.blob = [m.blob for m in job.members]
         if job.finished:  # in an earlier session
             for one in job.members or [job]:
@@ -206,14 +209,26 @@ class Scheduler:
         job.actor = start_actor(spec.trainer or spec.role, job.name, self.namespace,
                                 spec.resources, *args, device=self.device, **kwargs)
         self.recorder.started(job)
-        self._submit(job)
+        self._submit(job, send_checkpoint=job.epoch > 0)  # a resumed model starts from it
 
-    def _submit(self, job: Job) -> None:
-        """Ask `job`'s actor where it runs and for its next epoch from its last checkpoint."""
+    def _submit(self, job: Job, send_checkpoint: bool = False) -> None:
+        """Ask `job`'s actor where it runs and for its next epoch: the actor keeps its state, so
+        its last checkpoint travels only to an actor that lost it. The epoch sends a checkpoint
+        back every `checkpoint_every` epochs and after the last."""
+        epoch = job.epoch + 1
+        keep = epoch % self.checkpoint_every == 0 or epoch >= job.spec.epochs
         job.placement_ref = placement(job.actor)
         record_ref, blob_ref = job.actor.run_epoch.options(num_returns=2).remote(
-            job.epoch + 1, job.blob)
+            epoch, job.blob if send_checkpoint else None, keep)
         self.active[record_ref] = job, blob_ref
+
+    def _resend(self, job: Job) -> None:
+        """Its actor restarted without its state: back to the last checkpoint (the epochs after
+        it are trained again), which travels with the next call."""
+        for one in [job] + job.members:
+            one.epoch = job.saved_epoch
+            one.history = [r for r in one.history if r["epoch"] <= job.saved_epoch]
+        self._submit(job, send_checkpoint=True)
 
     def _next(self) -> None:
         """Wait for one result (an epoch or a task) and act on it."""
@@ -233,7 +248,7 @@ class Scheduler:
                 # noticed: the actor comes back (max_restarts); ask for the epoch again
                 job.unavailable += 1
                 time.sleep(UNAVAILABLE_PAUSE_S)
-                self._submit(job)
+                self._resend(job)
                 return
             self._fail(job, _reason(err))
             return
@@ -241,30 +256,38 @@ class Scheduler:
             job.result, job.done = result, True
             self._finish(job)
             return
-        self._epoch(job, ready[0], result, blob_ref, blob)
+        if result is None:  # an actor Ray restarted in the call: it needs its checkpoint
+            self._resend(job)
+            return
+        self._epoch(job, result, blob_ref, blob)
 
-    def _epoch(self, job: Job, record_ref, record, blob_ref, blob) -> None:
-        """An epoch came back: the actor trains on at once while its checkpoint is recorded."""
-        job.blob, job.unavailable, job.placed = blob_ref, 0, True
+    def _epoch(self, job: Job, record, blob_ref, blob) -> None:
+        """An epoch came back: the actor trains on at once while it is recorded."""
+        job.unavailable, job.placed = 0, True
         with contextlib.suppress(RayError):  # lost in a restart: asked again next epoch
             job.placement = ray.get(job.placement_ref)
         job.epoch = (record[0] if job.members else record)["epoch"]
+        if blob is not None:  # a checkpoint came with it: the ref travels on, if need be
+            job.blob, job.saved_epoch = blob_ref, job.epoch
         if not job.finished:
             self._submit(job)
         if job.members:  # a stack: a record and a checkpoint per member
-            for member, one, member_blob in zip(job.members, record, blob):
+            for member, one, member_blob in zip(job.members, record, blob or [None] * len(record)):
                 member.placement, member.placed = job.placement, True
                 self._record_epoch(member, one, member_blob)
         else:
             self._record_epoch(job, record, blob)
-            job.blob = blob_ref
+            if blob is not None:
+                job.blob = blob_ref
         self.recorder.write(self)
         if job.finished:
             self._stop(job)
             self._finish(job)
 
-    def _record_epoch(self, job: Job, record: dict, blob: bytes) -> None:
-        job.epoch, job.blob = record["epoch"], blob
+    def _record_epoch(self, job: Job, record: dict, blob: bytes | None) -> None:
+        job.epoch = record["epoch"]
+        if blob is not None:
+            job.blob, job.saved_epoch = blob, job.epoch
         job.history.append(record)
         job.summary = self.recorder.epoch(job, record, blob)
 

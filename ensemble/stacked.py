@@ -78,13 +78,17 @@ class StackedStudents:
                                                                 device=self.device)
             for m in self.members])
 
-    def run_epoch(self, epoch: int, lasts: Sequence[bytes | None] | None = None):
-        """Train every member's 1-based `epoch`; (their metrics, their checkpoints)."""
-        lasts = lasts or [None] * len(self.members)
-        for member, last in zip(self.members, lasts):
+    def run_epoch(self, epoch: int, lasts: Sequence[bytes | None] | None = None,
+                  keep: bool = True):
+        """Train every member's 1-based `epoch`; (their metrics, their checkpoints or None
+        unless `keep`), or (None, None) if a member is not at `epoch - 1` and `lasts` gives no
+        checkpoints (as Trainer.run_epoch)."""
+        if lasts is None and any(m.epoch != epoch - 1 for m in self.members):
+            return None, None
+        for member, last in zip(self.members, lasts or [None] * len(self.members)):
             member.ready_for(epoch, last)
         records = self.train_epoch()
-        return records, [m.checkpoint() for m in self.members]
+        return records, [m.checkpoint() for m in self.members] if keep else None
 
     def train_epoch(self) -> list[dict]:
         members = self.members

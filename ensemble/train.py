@@ -250,16 +250,21 @@ class Trainer:
         self.history.append(record)
         return record
 
-    def run_epoch(self, epoch: int, last: bytes | None = None) -> tuple[dict, bytes]:
-        """Train the 1-based `epoch` and return (its metrics, the checkpoint after it).
+    def run_epoch(self, epoch: int, last: bytes | None = None,
+                  keep: bool = True) -> tuple[dict | None, bytes | None]:
+        """Train the 1-based `epoch` and return (its metrics, the checkpoint after it, or None
+        unless `keep`).
 
-        A trainer that is not at `epoch - 1` (Ray restarted its actor, or a run is resumed) first
-        restores `last`, the checkpoint written after `epoch - 1`, so a retried call continues
-        exactly where the model stopped.
+        A trainer keeps its state between epochs, so the driver sends no checkpoint. One that is
+        not at `epoch - 1` (Ray restarted its actor, or a run is resumed) first restores `last`,
+        the checkpoint written after `epoch - 1`; given none, it trains nothing and returns
+        (None, None), and the driver asks again with the checkpoint.
         """
+        if self.epoch != epoch - 1 and last is None:
+            return None, None
         self.ready_for(epoch, last)
         record = self.train_epoch()
-        return record, self.checkpoint()
+        return record, self.checkpoint() if keep else None
 
     def ready_for(self, epoch: int, last: bytes | None) -> None:
         """Be at `epoch - 1`, restoring `last` (the checkpoint of that epoch) if need be."""

@@ -7,7 +7,7 @@ import pytest
 
 from ensemble import checkpoint
 from ensemble.cli import main
-from ensemble.config import DataConfig, ModelConfig, TrainConfig, from_dict
+from ensemble.config import DataConfig, ModelConfig, RunConfig, TrainConfig, parse
 from ensemble.data import load_splits
 from ensemble.rundir import RunDir
 from ensemble.train import Trainer
@@ -38,7 +38,7 @@ def saved_run(damage):
     """A run directory with one checkpoint of generalist-0, spoilt by `damage`."""
     def make(tmp):
         data = write_mnist_like(tmp / "good-data", n_train=300, n_test=50)
-        cfg = from_dict({"name": "t", "data": {"val_size": 100, "download": False},
+        cfg = parse(RunConfig, {"name": "t", "data": {"val_size": 100, "download": False},
                          "generalists": {"model": {"hidden": [16]}, "train": {"epochs": 2}}})
         run = RunDir(tmp / "saved")
         run.create(cfg)

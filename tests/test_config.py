@@ -2,14 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from ensemble.config import apply_overrides, from_dict, load_config, resume_conflicts
+from ensemble.config import RunConfig, apply_overrides, load_config, parse, resume_conflicts
 from ensemble.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_papers():
-    cfg = from_dict({"students": {"s": {}}})
+    cfg = parse(RunConfig, {"students": {"s": {}}})
     assert cfg.generalists.model.hidden == (1200, 1200)
     assert cfg.generalists.train.jitter == 2
     assert cfg.students["s"].model.hidden == (800, 800)
@@ -17,7 +17,7 @@ def test_defaults_are_the_papers():
 
 
 def test_nested_partial_sections_keep_their_defaults():
-    cfg = from_dict({"students": {"s": {"model": {"hidden": [30, 30]}}}})
+    cfg = parse(RunConfig, {"students": {"s": {"model": {"hidden": [30, 30]}}}})
     assert cfg.students["s"].model.dropout_in == 0.0  # the student's default, not the MLP's
 
 
@@ -50,11 +50,11 @@ def test_nested_partial_sections_keep_their_defaults():
 ])
 def test_bad_configs(raw, message):
     with pytest.raises(ConfigError, match=message):
-        from_dict(raw)
+        parse(RunConfig, raw)
 
 
 def test_cuda_for_models_that_each_ask_for_a_gpu():
-    cfg = from_dict({"device": "cuda", "generalists": {"resources": {"num_gpus": 1}},
+    cfg = parse(RunConfig, {"device": "cuda", "generalists": {"resources": {"num_gpus": 1}},
                      "students": {"s": {"resources": {"num_gpus": 0.25}}}})
     assert [key for key, _ in cfg.model_resources()] == ["generalists.resources",
                                                          "students.s.resources"]
@@ -76,11 +76,11 @@ def test_overrides_and_yaml_numbers(tmp_path):
 
 
 def test_resume_conflicts_allow_only_more_epochs():
-    old = from_dict({"students": {"s": {}}})
-    more = from_dict({"students": {"s": {"train": {"epochs": 50}}}})
+    old = parse(RunConfig, {"students": {"s": {}}})
+    more = parse(RunConfig, {"students": {"s": {"train": {"epochs": 50}}}})
     assert resume_conflicts(old, more) == []
     assert resume_conflicts(more, old) == ["students.s.train.epochs"]
-    other = from_dict({"students": {"s": {"temperature": 3}}, "seed": 2})
+    other = parse(RunConfig, {"students": {"s": {"temperature": 3}}, "seed": 2})
     assert resume_conflicts(old, other) == ["seed", "students.s.temperature"]
 
 

@@ -269,3 +269,16 @@ def test_students_start_when_their_teacher_exists(ray_session, tmp_path):
     assert hard["started_at"] < generalist["history"][0]["finished_at"]  # started together
     assert hard["history"][0]["finished_at"] < teacher_done  # and trained beside it
     assert taught["started_at"] >= teacher_done
+
+
+def test_checkpoint_every_keeps_every_kth_epoch_and_the_last(ray_session, data_root, tmp_path):
+    config = tmp_path / "every.yaml"
+    config.write_text(CONFIG.replace("name: tiny", "name: every") + "checkpoint_every: 2\n")
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+    models = json.loads((run / "metrics.json").read_text())["models"]
+    assert [r["epoch"] for r in models["generalist-0"]["history"]] == [1, 2, 3]
+    assert sorted(p.name for p in (run / "checkpoints" / "generalist-0").iterdir()) == \
+        ["epoch-0002.safetensors", "epoch-0003.safetensors"]  # no epoch 1: it never came back
+    assert sorted(p.name for p in (run / "checkpoints" / "student-hard").iterdir()) == \
+        ["epoch-0002.safetensors"]  # its last epoch

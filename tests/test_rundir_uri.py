@@ -5,7 +5,7 @@ import torch
 
 from ensemble import checkpoint
 from ensemble.cli import main
-from ensemble.config import from_dict
+from ensemble.config import RunConfig, parse
 from ensemble.errors import ConfigError
 from ensemble.rundir import RunDir
 
@@ -17,7 +17,7 @@ def test_uri_run_dir_mirrors_and_reads_back(tmp_path):
     uri = f"file://{remote}"
     run = RunDir(uri)
     assert not run.exists() and run.path != remote and run.name == "run"
-    cfg = from_dict({"name": "u"})
+    cfg = parse(RunConfig, {"name": "u"})
     run.create(cfg)
     blobs = {e: checkpoint.dumps({"w": torch.full((3,), float(e))}, {"epoch": e}) for e in (1, 2, 3)}
     for epoch, blob in blobs.items():
@@ -53,7 +53,7 @@ def test_refused_resume_of_a_uri_leaves_no_staging_copy(tmp_path, capsys, monkey
 
     remote = tmp_path / "bucket" / "run"
     run = RunDir(f"file://{remote}")
-    run.create(from_dict({"name": "u"}))
+    run.create(parse(RunConfig, {"name": "u"}))
     run.close()
     staging = tmp_path / "staging"
     staging.mkdir()

@@ -106,6 +106,18 @@ def test_checkpoint_keeps_rng_states_per_device_type(splits):
     assert not torch.equal(weights(fresh)["output.weight"], weights(straight)["output.weight"])
 
 
+def test_an_epoch_sends_its_checkpoint_only_when_asked_and_needs_one_only_after_a_restart(splits):
+    t = Trainer("g", MODEL, TRAIN, splits, seed=0)
+    record, blob = t.run_epoch(1, None, keep=False)  # it keeps its own state: nothing travels
+    assert record["epoch"] == 1 and blob is None
+    record, blob = t.run_epoch(2)
+    assert checkpoint.read_meta(blob)["epoch"] == 2
+    restarted = Trainer("g", MODEL, TRAIN, splits, seed=0)  # what Ray's restart leaves
+    assert restarted.run_epoch(3, None) == (None, None) and restarted.epoch == 0  # untrained
+    record, _ = restarted.run_epoch(3, blob)  # once the driver sends the checkpoint
+    assert record["epoch"] == 3
+
+
 def test_checkpoint_refuses_other_architecture_and_damage(splits):
     blob = Trainer("g", MODEL, TRAIN, splits, seed=0).checkpoint()
     wider = Trainer("g", ModelConfig(hidden=(64, 32)), TRAIN, splits, seed=0)
