@@ -1,70 +1,106 @@
 """Scenarios on a local multi-node Ray cluster (`ray.cluster_utils.Cluster`), each run as
 `python -m tests.multinode SCENARIO CONFIG DATA RUN` in a process of its own (the test session's
 Ray cannot share the interpreter); prints one JSON line for the test to check."""
+import contextlib
 import json
 import os
+import queue
 import sys
 import threading
-import time
 from pathlib import Path
 
+import psutil
 import ray
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ensemble.cli import main
 
 
-def start_run(cluster, config, data, run):
-    """`ensemble run` against `cluster` in a thread; returns (thread, list for its exit code)."""
+def start_run(cluster, config, data, run, on_exit=None):
+    """`ensemble run` against `cluster` in a thread; returns (thread, list for its exit code).
+    `on_exit`: called in the thread once the run has ended."""
     result = []
     argv = ["run", str(config), "--data-dir", str(data), "--run-dir", str(run),
             "--address", cluster.address]
-    thread = threading.Thread(target=lambda: result.append(main(argv)))
+
+    def target():
+        try:
+            result.append(main(argv))
+        finally:
+            if on_exit:
+                on_exit()
+    thread = threading.Thread(target=target)
     thread.start()
     return thread, result
 
 
-def node_of(actor, restarted: bool = False) -> str:
-    """The node `actor` runs on; with `restarted`, that of its restarted instance (the old one
-    may answer for a moment after its node was killed). Asked again while it is unreachable."""
-    def where(self):
-        context = ray.get_runtime_context()
-        return context.get_node_id(), context.was_current_actor_reconstructed
+def pause_after_first_epoch(model: str):
+    """Make the run's driver, in this process, stop as soon as metrics.json records `model`'s
+    first epoch, until the scenario lets it go on: `model`'s actor then has at most its second
+    epoch in hand (the driver asks for one epoch at a time), whatever this host's speed. Returns
+    (a queue that receives the placement recorded with that epoch, the event that lets it go on).
+    """
+    from ensemble.rundir import RunDir
 
-    for _ in range(120):
-        try:
-            node, again = ray.get(actor.__ray_call__.remote(where), timeout=120)
-            if again or not restarted:
-                return node
-        except ray.exceptions.ActorUnavailableError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("the actor was not restarted")
+    reached, go_on = queue.Queue(), threading.Event()
+    write = RunDir.write_metrics
+
+    def write_metrics(self, models, timings=None):
+        write(self, models, timings)
+        record = models.get(model)
+        if record and record["history"] and not go_on.is_set():
+            recorded = json.loads((self.path / "metrics.json").read_text())["models"][model]
+            reached.put((len(recorded["history"]), recorded["placement"]))
+            go_on.wait(timeout=300)  # the scenario's end lets it go on in any case
+    RunDir.write_metrics = write_metrics
+    return reached, go_on
+
+
+def kill_node(cluster, node) -> list[int]:
+    """Remove `node` as a machine that dies would go: its Ray daemons and every process they
+    started (workers, actors) SIGKILLed. Cluster.remove_node kills the daemons only; a worker
+    would then go on answering its callers until it notices, a second or so later, that its
+    raylet is gone. Returns the pids of the processes killed besides the daemons."""
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+    started = psutil.Process(raylet.pid).children(recursive=True)
+    cluster.remove_node(node, allow_graceful=False)
+    for proc in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, left = psutil.wait_procs(started, timeout=60)  # gone, or zombies: they run no more
+    assert all(proc.status() == psutil.STATUS_ZOMBIE for proc in left), left
+    return [proc.pid for proc in started]
 
 
 def node_removal(config, data, run) -> dict:
-    """Two 2-CPU workers under a head that runs nothing; once specialist-0 has checkpointed an
-    epoch, the node it trains on is killed (its processes SIGKILLed)."""
+    """Two 2-CPU workers under a head that runs nothing; once metrics.json records specialist-0's
+    first epoch, the node that epoch ran on is killed with all its processes while the driver
+    waits; then the run goes on. What happened next is read from the run's metrics.json."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     ray.init(address=cluster.address)
-    thread, result = start_run(cluster, config, data, run)
-    first = run / "checkpoints" / "specialist-0" / "epoch-0001.safetensors"
-    deadline = time.time() + 240
-    while not first.exists():
-        if not thread.is_alive() or time.time() > deadline:
-            return {"error": "specialist-0 never checkpointed", "exit": result}
-        time.sleep(0.02)
-    actor = ray.get_actor("specialist-0", namespace=f"ensemble-{run.name}")
-    before = node_of(actor)
-    cluster.remove_node(next(n for n in workers if n.node_id == before), allow_graceful=False)
-    after = node_of(actor, restarted=True)
-    thread.join(timeout=300)
+    reached, go_on = pause_after_first_epoch("specialist-0")
+    thread, result = start_run(cluster, config, data, run,
+                               on_exit=lambda: reached.put((None, None)))
+    try:
+        epochs, placed = reached.get(timeout=300)
+        if placed is None:
+            return {"error": "specialist-0 never recorded an epoch", "exit": result}
+        # the driver waits, so the actor is there to ask (it answers once its epoch in hand is
+        # done): the process to see among those killed
+        actor = ray.get_actor("specialist-0", namespace=f"ensemble-{run.name}")
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+        killed = kill_node(cluster, next(n for n in workers if n.node_id == placed["node"]))
+    finally:
+        go_on.set()
+        thread.join(timeout=500)
     alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     ray.shutdown()
     cluster.shutdown()
-    return {"exit": result, "removed": before, "after": after, "alive": alive}
+    return {"exit": result, "removed": placed["node"], "removed_after_epoch": epochs,
+            "actor_killed": pid in killed, "alive": alive}
 
 
 def working_directory() -> str:

@@ -1,4 +1,5 @@
-"""Faults injected for real on the shared local Ray: a training actor is SIGKILLed mid-run."""
+"""Faults injected for real: on the shared local Ray, a training actor is SIGKILLed mid-run; a
+process is SIGKILLed inside checkpoint.write_atomic."""
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import torch
 
 from ensemble import checkpoint
 from ensemble.cli import main
+from ensemble.errors import CheckpointError
 from tests.conftest import write_mnist_like
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -106,14 +108,86 @@ def test_non_finite_loss_stops_only_that_model(ray_session, data_root, tmp_path,
     assert "Failed:" in (run / "summary.md").read_text()
 
 
-def test_interrupted_write_leaves_previous_checkpoint(tmp_path):
+WRITER = """
+import os, signal, sys, torch
+from ensemble import checkpoint
+
+folder, where = sys.argv[1], sys.argv[2]
+builtin_open = open
+
+
+def stop_here():  # tell the test where this process stands, then wait for its SIGKILL
+    print("stopped", flush=True)
+    while True:
+        signal.pause()
+
+
+class HalfWritten:  # the file write_atomic opens: half its data reaches the disk, then the kill
+    def __init__(self, *args, **kwargs):
+        self.file = builtin_open(*args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        self.file.write(data[:len(data) // 2])
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        stop_here()
+
+
+if where == "mid-write":
+    checkpoint.open = HalfWritten  # write_atomic's open() resolves to this module global
+else:  # before the rename: the new file is complete, not yet in place
+    checkpoint.os.replace = lambda *args: stop_here()
+checkpoint.save_epoch(folder, 2, checkpoint.dumps({"w": torch.full((4096,), 2.0)}, {"epoch": 2}))
+"""
+
+
+@pytest.mark.parametrize("where", ["mid-write", "before-rename"])
+def test_interrupted_write_leaves_previous_checkpoint(where, tmp_path):
+    import subprocess
+    import sys
+
     folder = tmp_path / "ckpt"
-    blob = checkpoint.dumps({"w": torch.ones(3)}, {"epoch": 1})
-    checkpoint.save_epoch(folder, 1, blob)
-    # a crash during the next write leaves only its temporary file behind
-    (folder / "epoch-0002.safetensors.tmp").write_bytes(blob[:20])
+    blob = checkpoint.dumps({"w": torch.ones(4096)}, {"epoch": 1})
+    second = checkpoint.dumps({"w": torch.full((4096,), 2.0)}, {"epoch": 2})  # as WRITER's
+    first = checkpoint.save_epoch(folder, 1, blob)
+    # a process SIGKILLed inside write_atomic, while it saves epoch 2
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(folder), where],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = writer.stdout.readline()  # blocks until the writer stands where it was told to
+        assert line == "stopped\n", writer.stderr.read()  # else it ended: why
+        os.kill(writer.pid, signal.SIGKILL)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        writer.communicate()
+    assert writer.returncode == -signal.SIGKILL
+    # the kill landed inside the write: half the new checkpoint, or all of it, is on disk
+    written = [p for p in folder.iterdir() if p != first]
+    assert len(written) == 1, written
+    data = written[0].read_bytes()
+    if where == "mid-write":
+        assert len(data) == len(second) // 2
+        with pytest.raises(CheckpointError):
+            checkpoint.loads(data)
+    else:
+        tensors, meta = checkpoint.loads(data)
+        assert meta["epoch"] == 2 and torch.equal(tensors["w"], torch.full((4096,), 2.0))
+    # ... and none of them is taken for a checkpoint: the previous one is the newest
+    assert checkpoint.epochs_in(folder) == [(1, first)]
     saved, meta = checkpoint.load_latest(folder)
     assert meta["epoch"] == 1 and saved == blob
+    # the next save of that epoch replaces what the killed one left
+    checkpoint.save_epoch(folder, 2, second)
+    assert checkpoint.load_latest(folder) == (second, checkpoint.read_meta(second))
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch-0001.safetensors",
+                                                        "epoch-0002.safetensors"]
 
 
 BUDGET = """
