@@ -20,7 +20,8 @@ SHUFFLE_BUFFER = 20_000  # rows; a window of the stream, not a global shuffle
 
 
 def open_stream(source: str):
-    """The Ray Data Dataset of the Parquet files at `source` (read lazily, by the actors)."""
+    """The Ray Data Dataset of the Parquet files at `source` (read lazily, by the actors); a
+    DataError, in one sentence, if there are none or they are not what data.stream trains on."""
     try:
         import ray.data
     except ImportError:
@@ -29,14 +30,28 @@ def open_stream(source: str):
         # read tasks ask for no CPU: they are I/O and must not wait behind the actors that
         # hold every CPU of a small cluster while they consume the stream
         ds = ray.data.read_parquet(source, ray_remote_args={"num_cpus": 0})
-        ds = ds.select_columns(["image", "label"])
+        schema = ds.schema()  # from the files' footers, before anything trains
+        columns = list(schema.names) if schema is not None else []
+    except FileNotFoundError:
+        raise DataError(f"data.stream={source}: no such file or folder") from None
     except Exception as err:  # Ray Data and pyarrow raise many types for a source they cannot use
         raise DataError(f"cannot read the Parquet files at data.stream={source}: "
-                        f"{str(err).strip().splitlines()[0]}") from None
+                        f"{_first_sentence(err)}") from None
+    missing = [c for c in ("image", "label") if c not in columns]
+    if missing:
+        raise DataError(f"the Parquet files at data.stream={source} have no column "
+                        f"{' or '.join(missing)} (they have {', '.join(columns) or 'none'})")
+    ds = ds.select_columns(["image", "label"])
     # the files' order, whichever read task ends first: epochs are then reproducible, and a
     # restarted actor repeats the epoch it lost
     ds.context.execution_options.preserve_order = True
     return ds
+
+
+def _first_sentence(err: Exception) -> str:
+    """The first sentence of an error's message, without its full stop."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text.split(". ", 1)[0].rstrip(".")
 
 
 class StreamTrainer(Trainer):

@@ -54,14 +54,48 @@ def test_streamed_training_matches_in_memory(ray_session, tmp_path, capsys):
     assert meta["summary"]["test_errors"] < 0.5 * 200
 
 
-def test_stream_refuses_students_and_bad_sources(tmp_path, capsys):
-    data = write_mnist_like(tmp_path / "data", n_train=300, n_test=50)
+def test_stream_refuses_students(data_root, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG + "students: {s: {model: {hidden: [8]}}}\n")
-    assert main(["run", str(config), "--data-dir", str(data), "--run-dir", str(tmp_path / "r"),
-                 "--set", "data.stream=/nowhere"]) == 2
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir",
+                 str(tmp_path / "r"), "--set", f"data.stream={tmp_path}"]) == 2
     assert "data.stream trains the generalists only" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def bad_source(kind, folder):
+    """A data.stream source that is not Parquet files of images and labels; what the run must
+    then say (None: only that it cannot read them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind == "nothing":
+        return folder / "nowhere", "no such file or folder"
+    folder.mkdir()
+    if kind == "not-parquet":
+        (folder / "part-00000.parquet").write_text("image,label\n")  # a CSV by another name
+        return folder, None
+    if kind == "other-columns":
+        pq.write_table(pa.table({"pixels": [b"\0"], "label": [1]}), folder / "part.parquet")
+        return folder, "have no column image (they have pixels, label)"
+    (folder / "notes.txt").write_text("no Parquet here\n")  # kind == "no-parquet-files"
+    return folder, None
+
+
+@pytest.mark.parametrize("kind", ["nothing", "not-parquet", "other-columns", "no-parquet-files"])
+def test_stream_refuses_bad_sources(kind, ray_session, data_root, tmp_path, capsys):
+    source, says = bad_source(kind, tmp_path / "source")
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    run = tmp_path / "r"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run),
+                 "--set", f"data.stream={source}"]) == 3  # a DataError, before anything trains
+    err = capsys.readouterr().err
+    # one sentence on one line, naming the source; no traceback, and no run directory left
+    assert err.count("\n") == 1 and err.startswith("ensemble: error: "), err
+    assert f"data.stream={source}" in err and ". " not in err, err
+    assert (says or "cannot read the Parquet files") in err, err
+    assert not run.exists()
 
 
 def test_write_parquet_round_trip(tmp_path):
