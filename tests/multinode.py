@@ -40,21 +40,22 @@ def pause_after_first_epoch(model: str):
     """Make the run's driver, in this process, stop as soon as metrics.json records `model`'s
     first epoch, until the scenario lets it go on: `model`'s actor then has at most its second
     epoch in hand (the driver asks for one epoch at a time), whatever this host's speed. Returns
-    (a queue that receives the placement recorded with that epoch, the event that lets it go on).
+    (a queue that receives the epochs and placement recorded then, the event that lets it go on).
     """
-    from ensemble.rundir import RunDir
+    from ensemble.recorder import Recorder
 
     reached, go_on = queue.Queue(), threading.Event()
-    write = RunDir.write_metrics
+    write = Recorder.write  # called by the scheduler after every epoch; the file is written later
 
-    def write_metrics(self, models, timings=None):
-        write(self, models, timings)
-        record = models.get(model)
-        if record and record["history"] and not go_on.is_set():
-            recorded = json.loads((self.path / "metrics.json").read_text())["models"][model]
-            reached.put((len(recorded["history"]), recorded["placement"]))
-            go_on.wait(timeout=300)  # the scenario's end lets it go on in any case
-    RunDir.write_metrics = write_metrics
+    def write_then_pause(self, scheduler):
+        write(self, scheduler)
+        if go_on.is_set() or not self.results(scheduler).get(model, {}).get("history"):
+            return
+        self.flush()  # metrics.json on disk, with that epoch in it
+        recorded = json.loads((self.run.path / "metrics.json").read_text())["models"][model]
+        reached.put((len(recorded["history"]), recorded["placement"]))
+        go_on.wait(timeout=300)  # the scenario's end lets it go on in any case
+    Recorder.write = write_then_pause
     return reached, go_on
 
 
