@@ -20,7 +20,7 @@ from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.stacked import StackedStudents
 from ensemble.streaming import StreamTrainer
-from ensemble.teacher import evaluate_ensemble
+from ensemble.teacher import evaluate_ensemble, teacher_outputs
 from ensemble.train import Trainer, pick_device
 from specialists.coordinator import coordinate
 from specialists.trainer import SpecialistTrainer
@@ -91,7 +91,8 @@ def _on_assigned_device(task):
 
 
 TASKS = {"coordinate": _on_assigned_device(coordinate),
-         "evaluate_ensemble": _on_assigned_device(evaluate_ensemble)}
+         "evaluate_ensemble": _on_assigned_device(evaluate_ensemble),
+         "teacher_outputs": _on_assigned_device(teacher_outputs)}
 
 
 def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *args, **kwargs):

@@ -63,7 +63,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 100  # the paper era's minibatch; 512 trains ~35% faster per sample on 2 CPU cores
+    batch_size: int = 100  # the paper era's minibatch; larger ones train faster per sample
+    #   (results/throughput.md)
     lr: float = 0.1  # SGD with momentum, as in Hinton et al. 2012
     momentum: float = 0.9
     weight_decay: float = 0.0  # dropout and max-norm regularise the paper's nets instead
@@ -231,7 +232,7 @@ class RunConfig:
     #   actor then redoes the epochs since its last checkpoint
     stack_students: bool = False  # students differing only in seed, temperature and alpha (no
     #   dropout or jitter, same resources) train as one stacked model in one actor
-    #   (ensemble.stacked): 1.68-1.81x faster for 8 300-unit ones here, equal within rounding
+    #   (ensemble.stacked): faster, equal within rounding (results/stacked.md)
 
     def __post_init__(self):
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",

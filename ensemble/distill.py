@@ -14,36 +14,50 @@ import torch.nn.functional as F
 
 from ensemble.config import StudentConfig
 from ensemble.data import Splits, augment, transfer_mask
-from ensemble.teacher import Teacher, load_teacher
+from ensemble.teacher import Teacher, load_teacher, soft_targets
 from ensemble.train import Trainer
 
 
 def soft_target_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                     temperature: float) -> torch.Tensor:
+                     temperature: float | torch.Tensor) -> torch.Tensor:
     """T^2 * mean over the batch of KL(teacher_probs || softmax(student_logits / T)): the
     cross-entropy of §2 less the teacher's own entropy, so the same gradient, and a loss that
     reads 0 when the student matches the teacher (the cross-entropy at T=20 sits near 900).
 
     student_logits: (B, C); teacher_probs: (B, C), rows summing to 1 (already at temperature T).
-    Returns a scalar ().
+    Returns a scalar (). Stacked students (ensemble.stacked): (N, B, C) each, `temperature` a
+    tensor (N,), and the loss of each (N,).
     """
-    log_q = F.log_softmax(student_logits / temperature, dim=1)
+    t = temperature if not torch.is_tensor(temperature) else temperature[..., None, None]
+    log_q = F.log_softmax(student_logits / t, dim=-1)
     kl = torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q
-    return kl.sum(dim=1).mean() * temperature ** 2
+    return kl.sum(dim=-1).mean(dim=-1) * temperature ** 2
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                      labels: torch.Tensor, temperature: float, alpha: float) -> torch.Tensor:
+                      labels: torch.Tensor, temperature: float | torch.Tensor,
+                      alpha: float | torch.Tensor) -> torch.Tensor:
     """alpha * soft_target_loss + (1 - alpha) * CE(labels, softmax(student_logits)).
 
     student_logits: (B, C); teacher_probs: (B, C) at temperature T; labels: (B,) int64. Returns ().
+    Stacked students: (N, B, C), (N, B, C), (N, B), `temperature` and `alpha` tensors (N,); the
+    loss of each (N,).
     """
+    if torch.is_tensor(alpha):  # stacked: every term for every member (alpha 0 weighs it out)
+        hard = F.cross_entropy(student_logits.transpose(1, 2), labels, reduction="none").mean(1)
+        soft = soft_target_loss(student_logits, teacher_probs, temperature)
+        return alpha * soft + (1 - alpha) * hard
     loss = torch.zeros((), device=student_logits.device)
     if alpha > 0:
         loss = loss + alpha * soft_target_loss(student_logits, teacher_probs, temperature)
     if alpha < 1:
         loss = loss + (1 - alpha) * F.cross_entropy(student_logits, labels)
     return loss
+
+
+def unaugmented(cfg: StudentConfig) -> bool:
+    """Whether the student's transfer set is shown as it is (so its soft targets are fixed)."""
+    return cfg.train.jitter == 0 and cfg.train.elastic == 0
 
 
 class Student(Trainer):
@@ -54,26 +68,37 @@ class Student(Trainer):
 
     def __init__(self, name: str, cfg: StudentConfig, data: Splits, teachers: Sequence[bytes],
                  seed: int, threads: int = 1, device: str | torch.device = "auto",
-                 specialists: Sequence[bytes] = (), specialists_cfg=None):
+                 specialists: Sequence[bytes] = (), specialists_cfg=None,
+                 outputs: torch.Tensor | None = None):
         keep = transfer_mask(data.train_y, cfg.drop_classes, cfg.keep_classes, cfg.transfer_size)
         super().__init__(name, cfg.model, cfg.train, data.with_train(keep), seed, threads, device)
         self.temperature, self.alpha = cfg.temperature, cfg.alpha
         self.teacher: Teacher | None = None  # or eq. 5's specialists.ensemble.Ensemble
         self.targets: torch.Tensor | None = None  # soft targets of the whole transfer set
-        if cfg.uses_teacher:
-            with_specialists = cfg.soft_targets == "ensemble"
-            self.teacher = load_teacher(teachers, self.device, cfg.teacher_mean,
-                                        specialists if with_specialists else None,
-                                        specialists_cfg)
-        if self.teacher is not None:
-            if cfg.train.jitter == 0 and cfg.train.elastic == 0:
-                # an unaugmented transfer set: its soft targets are computed once
-                self.targets = self.teacher.probs(self.x, self.temperature)
+        self.targets_from = "none"  # where its soft targets come from (its checkpoints say)
+        if not cfg.uses_teacher:
+            return
+        if unaugmented(cfg) and outputs is not None:  # the teacher's, computed once for all
+            self.targets = soft_targets(outputs[..., torch.from_numpy(keep), :],
+                                        self.temperature, cfg.teacher_mean).to(self.device)
+            self.targets_from = "shared"
+            return
+        with_specialists = cfg.soft_targets == "ensemble"
+        self.teacher = load_teacher(teachers, self.device, cfg.teacher_mean,
+                                    specialists if with_specialists else None, specialists_cfg)
+        if unaugmented(cfg):  # its soft targets are computed once
+            self.targets = self.teacher.probs(self.x, self.temperature)
+            self.targets_from = "computed once"
+        else:
+            self.targets_from = "per batch"
+
+    def extra_meta(self) -> dict:
+        return {"targets_from": self.targets_from}
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         xb = augment(self.x[idx], self.cfg, self.batches)
         logits = self.forward(xb)
-        if self.teacher is None:
+        if self.teacher is None and self.targets is None:  # hard labels only
             return F.cross_entropy(logits, self.y[idx])
         probs = self.targets[idx] if self.targets is not None else \
             self.teacher.probs(xb, self.temperature)

@@ -4,7 +4,9 @@ needs exists.
     generalists, in parallel ─→ "generalists" (their checkpoints, shared) ─→ coordinator
       ─→ one specialist per subset ─→ "specialists" (shared) ─→ eq. 5 evaluated ("combination")
     students: on hard labels at once; taught by the generalists once "generalists" exists
-      (beside the specialists); taught by generalists + specialists once "specialists" exists
+      (beside the specialists); taught by generalists + specialists once "specialists" exists;
+      on an unaugmented transfer set, from the teacher's outputs computed once for all of them
+      ("soft targets", "soft targets (ensemble)")
 
 The driver reads the data once and puts it into Ray's object store once (uint8 NumPy arrays: one
 zero-copy copy per node); every epoch's metrics and checkpoint come back through Ray, and the
@@ -24,6 +26,7 @@ from ensemble import checkpoint, figures
 from ensemble.actors import check_resources, ray_session, submit_task
 from ensemble.config import RunConfig
 from ensemble.data import KNOWN_GROUPS, Splits
+from ensemble.distill import unaugmented
 from ensemble.errors import TrainingError
 from ensemble.recorder import Recorder
 from ensemble.report import temperature_grid
@@ -45,6 +48,7 @@ class Recipe:
         self.cfg, self.sched, self.recorder, self.data = cfg, sched, recorder, data_ref
         self.stream = stream  # the Ray Data Dataset of data.stream, when the generalists stream
         self.teachers = self.generalist = self.specialists = None  # ObjectRefs once they exist
+        self.outputs: dict[str, object] = {}  # teacher -> ref of its outputs on the transfer set
         self.subsets: dict | None = None  # the coordinator's report
         self.ensemble: dict | None = None  # generalists vs generalists + specialists
 
@@ -76,6 +80,8 @@ class Recipe:
         cfg, specs = self.cfg, []
         for k, (name, scfg) in enumerate(cfg.students.items()):
             teacher = ("specialists",) if scfg.soft_targets == "ensemble" else ("generalists",)
+            if scfg.uses_teacher and unaugmented(scfg):  # and its outputs, computed once
+                teacher += (self._outputs_of(teacher[0]),)
             specs.append(JobSpec(f"student-{name}", "student", f"students.{name}",
                                  cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources,
                                  scfg.train.epochs, teacher if scfg.uses_teacher else ()))
@@ -114,8 +120,29 @@ class Recipe:
                 self._specialists_kwargs(cfgs[0]))
 
     def _specialists_kwargs(self, scfg) -> dict:
-        return {"specialists": self.specialists if scfg.soft_targets == "ensemble" else [],
-                "specialists_cfg": self.cfg.specialists}
+        teacher = "specialists" if scfg.soft_targets == "ensemble" else "generalists"
+        return {"specialists": self.specialists if teacher == "specialists" else [],
+                "specialists_cfg": self.cfg.specialists,
+                "outputs": self.outputs.get(teacher) if unaugmented(scfg) else None}
+
+    def _outputs_of(self, teacher: str) -> str:
+        """The task that computes `teacher`'s outputs on the transfer set once, added the first
+        time a student asks; its name."""
+        name = "soft targets" + (" (ensemble)" if teacher == "specialists" else "")
+        if name not in self.sched.jobs:
+            gen = self.cfg.generalists
+            self.sched.task(JobSpec(name, "task", "students", resources=gen.resources,
+                                    waits_for=(teacher,)),
+                            functools.partial(self._teacher_outputs, teacher),
+                            lambda job: self.outputs.update({teacher: ray.put(job.result)}))
+        return name
+
+    def _teacher_outputs(self, teacher: str):
+        gen = self.cfg.generalists
+        return submit_task("teacher_outputs", gen.resources, self.teachers, self.data,
+                           gen.resources.threads,
+                           self.specialists if teacher == "specialists" else None,
+                           self.cfg.specialists, device=self.cfg.device)
 
     # ------------------------------------------------------------ when jobs finish ---------------
     def _share_generalists(self, _job: Job) -> None:
@@ -202,6 +229,21 @@ def _bytes(blob) -> bytes:
     return blob if isinstance(blob, bytes) else ray.get(blob)
 
 
+def _check_cluster(cfg: RunConfig, tracker: Tracker, address: str | None, dashboard) -> None:
+    """Say which Ray the run is on; refuse at once a request that no node can ever hold."""
+    total = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
+                 f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
+                 + (f"; dashboard http://{dashboard}" if dashboard else ""))
+    requests = {f"generalist-{i}": cfg.generalists.resources
+                for i in range(cfg.generalists.count)}
+    requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
+    if cfg.specialists.k:
+        requests["specialists"] = cfg.specialists.resources
+    check_resources(requests, cfg.autoscaler.node_types)
+
+
 def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | None,
                  resume: bool, tracker: Tracker, adopted: dict[str, bytes] | None = None
                  ) -> dict[str, dict]:
@@ -213,17 +255,7 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
     started = time.perf_counter()
     with ray_session(address, namespace) as dashboard:
         recorder.timings["ray start"] = time.perf_counter() - started
-        total = ray.cluster_resources()
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
-                     f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
-                     + (f"; dashboard http://{dashboard}" if dashboard else ""))
-        requests = {f"generalist-{i}": cfg.generalists.resources
-                    for i in range(cfg.generalists.count)}
-        requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
-        if cfg.specialists.k:
-            requests["specialists"] = cfg.specialists.resources
-        check_resources(requests, cfg.autoscaler.node_types)  # refuses what no node can hold
+        _check_cluster(cfg, tracker, address, dashboard)
         stream = None
         if cfg.data.stream:
             from ensemble.streaming import open_stream

@@ -73,6 +73,29 @@ def headline(models: dict[str, dict], ensemble: dict | None) -> list[str]:
     return lines
 
 
+def grid_table(grid: dict) -> list[str]:
+    """Markdown lines: the students' test errors (validation errors in brackets) by width and
+    temperature, the best T per width by validation in bold."""
+    widths, temps = sorted({w for w, _ in grid}), sorted({t for _, t in grid})
+    md = ["", "## Students: temperature x width", "",
+          "Test errors (validation errors in brackets); the best T per width by validation "
+          "in bold.", "",
+          "| width | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+          "|---:|" + "---:|" * len(temps)]
+    for w in widths:
+        best = min((grid[(w, t)][1], t) for t in temps if (w, t) in grid)[1]
+        cells = []
+        for t in temps:
+            if (w, t) not in grid:
+                cells.append("–")
+                continue
+            _, val, test = grid[(w, t)]
+            cell = f"{test} ({val})"
+            cells.append(f"**{cell}**" if t == best else cell)
+        md.append(f"| {w} | " + " | ".join(cells) + " |")
+    return md
+
+
 def build(run: RunDir) -> tuple[str, dict[str, bytes]]:
     """The report's Markdown and its figures {file name: PNG}."""
     cfg = run.load_config()
@@ -124,26 +147,9 @@ def build(run: RunDir) -> tuple[str, dict[str, bytes]]:
                           figures.confusion(matrix, labels, name)), ""]
     grid = temperature_grid(cfg, models)
     if grid:
-        widths, temps = sorted({w for w, _ in grid}), sorted({t for _, t in grid})
-        md += ["", "## Students: temperature x width", "",
-               "Test errors (validation errors in brackets); the best T per width by validation "
-               "in bold.", "",
-               "| width | " + " | ".join(f"T={t:g}" for t in temps) + " |",
-               "|---:|" + "---:|" * len(temps)]
-        for w in widths:
-            best = min((grid[(w, t)][1], t) for t in temps if (w, t) in grid)[1]
-            cells = []
-            for t in temps:
-                if (w, t) not in grid:
-                    cells.append("–")
-                    continue
-                _, val, test = grid[(w, t)]
-                cell = f"{test} ({val})"
-                cells.append(f"**{cell}**" if t == best else cell)
-            md.append(f"| {w} | " + " | ".join(cells) + " |")
-        md += ["", figure("temperature-width.png", "Validation errors by temperature and width",
-                          figures.temperature_grid({k: v[1] for k, v in grid.items()},
-                                                   "validation errors"))]
+        md += grid_table(grid) + ["", figure(
+            "temperature-width.png", "Validation errors by temperature and width",
+            figures.temperature_grid({k: v[1] for k, v in grid.items()}, "validation errors"))]
     md += timings_section(timings, models).splitlines()
     md += ["", "## Config", "", "```yaml",
            yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "```"]

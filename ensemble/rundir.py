@@ -229,7 +229,7 @@ def specialists_section(subsets: dict | None, ensemble: dict | None) -> str:
 
 
 PHASES = ("ray start", "data placement", "generalists", "coordinator", "specialists",
-          "combination", "students")
+          "combination", "soft targets", "soft targets (ensemble)", "students")
 
 
 def timings_section(timings: dict | None, models: dict[str, dict]) -> str:

@@ -3,6 +3,11 @@
 Two kinds: the generalists' average (their probabilities at T, or the softmax at T of their mean
 logits), and, with specialists, eq. 5's combination of the generalists and the specialists that
 cover each input's top classes (`specialists.ensemble.Ensemble`). Both answer `probs(x, T)`.
+
+On a transfer set without augmentation a teacher's answers are the same for every student, so
+they are computed once (`teacher_outputs`: the generalists' logits, or eq. 5's q, on the whole
+training split) and each student derives its own soft targets from them (`soft_targets`: its
+temperature, its way of averaging, its subset of the examples).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import SpecialistsConfig
-from ensemble.data import Splits
+from ensemble.data import Splits, to_device
 from ensemble.errors import TrainingError
 from ensemble.models import load_model
 from ensemble.train import EVAL_BATCH, pick_device
@@ -69,3 +74,33 @@ def evaluate_ensemble(generalists: list[bytes], specialists: list[bytes],
     dev = pick_device(device)
     return evaluate(load_teacher(generalists, dev, specialists=specialists,
                                  specialists_cfg=cfg), data, dev)
+
+
+@torch.no_grad()
+def teacher_outputs(generalists: list[bytes], data: Splits, threads: int = 1,
+                    specialists: list[bytes] | None = None,
+                    specialists_cfg: SpecialistsConfig | None = None,
+                    device: str | torch.device = "auto") -> torch.Tensor:
+    """What a teacher says of every training example, for all its students at once, on the CPU:
+    the generalists' logits (M, N, C), or with `specialists` eq. 5's q (N, C)."""
+    torch.set_num_threads(threads)  # as its students would have: the same rounding
+    dev = pick_device(device)
+    teacher = load_teacher(generalists, dev, specialists=specialists,
+                           specialists_cfg=specialists_cfg)
+    x = to_device(data.train_x, dev)
+    if isinstance(teacher, Ensemble):
+        return teacher.predict(x)[1].cpu()
+    return torch.cat([torch.stack([m(x[i:i + EVAL_BATCH]) for m in teacher.models], 0)
+                      for i in range(0, len(x), EVAL_BATCH)], 1).cpu()
+
+
+def soft_targets(outputs: torch.Tensor, temperature: float, mean: str = "probs") -> torch.Tensor:
+    """A student's soft targets (N, C) at `temperature` from `teacher_outputs`: from logits
+    (M, N, C) the mean of the models' probabilities, or the softmax of their mean logits
+    (`mean`); from eq. 5's q (N, C), softmax(log q / T). As `Teacher.probs` and
+    `Ensemble.probs` would give."""
+    if outputs.dim() == 2:
+        return F.softmax(outputs.clamp_min(1e-30).log() / temperature, dim=1)
+    if mean == "logits":
+        return F.softmax(outputs.mean(0) / temperature, dim=1)
+    return F.softmax(outputs / temperature, dim=2).mean(0)

@@ -52,3 +52,14 @@ def test_teacher_means_probabilities_or_logits():
     logits = Teacher([a, b], "logits").probs(x, T)
     torch.testing.assert_close(logits, F.softmax((za + zb) / 2 / T, 1))
     assert not any(p.requires_grad for p in a.parameters())  # frozen explicitly
+
+
+def test_stacked_loss_is_each_members_own():
+    torch.manual_seed(1)
+    z, p = torch.randn(3, 8, 5), F.softmax(torch.randn(3, 8, 5), 2)
+    y = torch.randint(0, 5, (3, 8))
+    temperature, alpha = torch.tensor([1.0, 4.0, 20.0]), torch.tensor([0.9, 0.0, 0.5])
+    stacked = distillation_loss(z, p, y, temperature, alpha)
+    each = [distillation_loss(z[k], p[k], y[k], temperature[k].item(), alpha[k].item())
+            for k in range(3)]
+    torch.testing.assert_close(stacked, torch.stack(each))

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from ensemble import checkpoint
 from ensemble.cli import main
 from tests.conftest import write_mnist_like
 
@@ -282,3 +283,34 @@ def test_checkpoint_every_keeps_every_kth_epoch_and_the_last(ray_session, data_r
         ["epoch-0002.safetensors", "epoch-0003.safetensors"]  # no epoch 1: it never came back
     assert sorted(p.name for p in (run / "checkpoints" / "student-hard").iterdir()) == \
         ["epoch-0002.safetensors"]  # its last epoch
+
+
+SHARED = """
+name: shared
+data: {val_size: 100, download: false}
+generalists:
+  count: 2
+  model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 1, batch_size: 50, lr: 0.3, jitter: 0}
+x-student: &student {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50, lr: 0.3}}
+students:
+  t2: {<<: *student, temperature: 2.0}
+  t8: {<<: *student, temperature: 8.0, drop_classes: [3]}
+  jittered: {<<: *student, train: {epochs: 1, batch_size: 50, lr: 0.3, jitter: 1}}
+"""
+
+
+def test_students_share_one_set_of_teacher_outputs(ray_session, data_root, tmp_path, capsys):
+    config = tmp_path / "shared.yaml"
+    config.write_text(SHARED)
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    sources = {name: checkpoint.load_latest(run / "checkpoints" / name)[1]["targets_from"]
+               for name in ("student-t2", "student-t8", "student-jittered")}
+    # the two unaugmented students read the outputs one task computed; the jittered one asks
+    # its teacher for every batch
+    assert sources == {"student-t2": "shared", "student-t8": "shared",
+                       "student-jittered": "per batch"}
+    assert "soft targets" in metrics["timings"]
+    assert all(m["status"] == "finished" for m in metrics["models"].values())

@@ -12,7 +12,7 @@ from ensemble.data import load_splits, to_device
 from ensemble.distill import Student
 from ensemble.data import labels_to_device
 from ensemble.models import load_model
-from ensemble.teacher import evaluate_ensemble, load_teacher
+from ensemble.teacher import evaluate_ensemble, load_teacher, teacher_outputs
 from ensemble.train import Trainer
 from specialists.combine import active_specialists, combine, spread
 from specialists.coordinator import coordinate
@@ -136,3 +136,28 @@ def test_ensemble_runs_each_specialist_on_its_callers_only(setup):
             assert not active.any(1).all()
         torch.testing.assert_close(q, combine(pg, P, d, S, active, cfg.combine_tol,
                                               cfg.combine_steps))
+
+
+@pytest.mark.parametrize("teacher", ["generalists", "generalists, mean logits", "ensemble"])
+def test_shared_teacher_outputs_give_each_student_its_own_soft_targets(setup, teacher):
+    splits, blob = setup
+    specs = []
+    if teacher == "ensemble":
+        for i, members in enumerate([[0, 6], [3, 5, 8]]):
+            t = SpecialistTrainer(f"specialist-{i}", members, blob, SPEC, splits, seed=i)
+            t.train_epoch()
+            specs.append(t.checkpoint())
+    outputs = teacher_outputs([blob], splits, specialists=specs or None, specialists_cfg=SPEC,
+                              device="cpu")
+    assert outputs.shape == ((len(splits.train_y), 10) if specs else (1, len(splits.train_y), 10))
+    for temperature, drop in ((2.0, ()), (5.0, (3, 4))):  # students differ in T and transfer set
+        cfg = StudentConfig(model=ModelConfig(hidden=(16,), dropout_in=0, dropout_hidden=0),
+                            train=TrainConfig(epochs=1, batch_size=50), temperature=temperature,
+                            drop_classes=drop, soft_targets="ensemble" if specs else "generalists",
+                            teacher_mean="logits" if "logits" in teacher else "probs")
+        kwargs = {"specialists": specs, "specialists_cfg": SPEC}
+        own = Student("own", cfg, splits, [blob], seed=3, **kwargs)
+        shared = Student("shared", cfg, splits, [blob], seed=3, outputs=outputs, **kwargs)
+        assert (own.targets_from, shared.targets_from) == ("computed once", "shared")
+        assert shared.teacher is None  # it loaded no teacher model
+        torch.testing.assert_close(shared.targets, own.targets, rtol=0, atol=1e-6)
