@@ -25,7 +25,7 @@ from ensemble.train import Trainer, pick_device
 from specialists.coordinator import coordinate
 from specialists.trainer import SpecialistTrainer
 
-# What every worker of a run gets through the run's runtime_env: Ray 2.58 narrows
+# What every worker of a run gets in its environment (ray_session): Ray 2.58 narrows
 # CUDA_VISIBLE_DEVICES to a worker's GPUs only when it was assigned some; with this it is set to ""
 # for a worker assigned none, so torch there sees no GPU either (ray/_private/utils.py,
 # set_visible_accelerator_ids).
@@ -125,17 +125,23 @@ def submit_task(task: str, res: ResourcesConfig, *args, device: str = "auto"):
                                max_retries=res.max_task_retries).remote(*args, device=device)
 
 
-def fits_a_live_node(res: ResourcesConfig) -> bool:
-    """Whether some live node of the cluster holds `res` (else only a new node would)."""
-    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return _holds(live, {"CPU": res.num_cpus, "GPU": res.num_gpus})
+def live_nodes() -> list[dict]:
+    """The resources of each live node of the cluster."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def fits_a_live_node(res: ResourcesConfig, nodes: list[dict] | None = None) -> bool:
+    """Whether some live node (of `nodes`, or asked now) holds `res`; else only a new node
+    would."""
+    return _holds(live_nodes() if nodes is None else nodes,
+                  {"CPU": res.num_cpus, "GPU": res.num_gpus})
 
 
 def check_resources(requests: dict[str, ResourcesConfig],
                     node_types: tuple[NodeType, ...] = ()) -> set[str]:
     """Refuse at once a request that no live node, nor any node the autoscaler may add, can hold
     (Ray would wait for it forever); return the names of those that must wait for a new node."""
-    live = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    live = live_nodes()
     future = [{"CPU": t.num_cpus, "GPU": t.num_gpus} for t in node_types]
     waiting = set()
     for name, res in requests.items():
@@ -167,6 +173,18 @@ def _most(nodes: list[dict], key: str) -> float:
 
 
 @contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """`env` added to this process's environment for the duration (processes started then
+    inherit it)."""
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+
+
+@contextlib.contextmanager
 def ray_session(address: str | None, namespace: str):
     """Connect to `address`, or start a local Ray with a temporary directory of its own; reuse a
     Ray this process already started (tests; its own runtime_env then stands). Everything
@@ -184,12 +202,17 @@ def ray_session(address: str | None, namespace: str):
         local = {} if address else {"_node_ip_address": "127.0.0.1", "_system_config": {
             "preload_python_modules": ["ensemble.actors"]}}
         # every worker of the run sees only the GPUs Ray assigned it (none: CUDA_VISIBLE_DEVICES
-        # is empty); Ray merges these env_vars into a submitted job's own runtime_env, which
-        # must not name them again (the driver has that job's env_vars)
+        # is empty). A local Ray's processes inherit this process's environment, so the variable
+        # is set while they start: a runtime_env would keep the workers Ray starts with it from
+        # the actors (about 2 s more per actor here). A cluster's workers get it through the
+        # job's runtime_env; Ray merges it into a submitted job's own, which must not name it
+        # again (the driver has that job's env_vars)
         env = {k: v for k, v in WORKER_ENV.items() if k not in os.environ}
-        context = ray.init(address=address, namespace=namespace, _temp_dir=temp,
-                           logging_level=logging.WARNING,
-                           runtime_env={"env_vars": env} if env else None, **local)
+        with _environment(env if not address else {}):
+            context = ray.init(address=address, namespace=namespace, _temp_dir=temp,
+                               logging_level=logging.WARNING,
+                               runtime_env={"env_vars": env} if env and address else None,
+                               **local)
     except (ConnectionError, RuntimeError, ValueError) as err:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)

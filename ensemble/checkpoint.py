@@ -12,6 +12,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,6 +68,40 @@ def loads(blob: bytes) -> tuple[dict[str, torch.Tensor], dict]:
     if _digest(tensors) != expected:
         raise CheckpointError("checkpoint is damaged (sha256 of its tensors does not match)")
     return tensors, meta
+
+
+@dataclass
+class TrainingState:
+    """Everything a trainer needs to go on exactly where it stopped, as one blob holds it."""
+    model: dict[str, torch.Tensor]  # the weights now (a state_dict)
+    best: dict[str, torch.Tensor]  # the weights of the best epoch by validation
+    momentum: dict[int, torch.Tensor]  # the optimiser's buffer of parameter i
+    rng: dict[str, torch.Tensor]  # RNG states by name: cpu, cuda, batches.<device type>
+    meta: dict  # config, epoch, history, summary: JSON
+
+
+def dumps_state(state: TrainingState) -> bytes:
+    """One blob of a trainer's state (`loads_state` reads it back)."""
+    tensors = {f"model.{k}": v for k, v in state.model.items()}
+    tensors.update({f"best.{k}": v for k, v in state.best.items()})
+    tensors.update({f"optim.{i}.momentum_buffer": v for i, v in state.momentum.items()})
+    tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
+    return dumps(tensors, state.meta)
+
+
+def loads_state(blob: bytes) -> TrainingState:
+    """A trainer's state from its blob; raise CheckpointError if damaged or foreign. A blob
+    written before RNG states were kept per device type names its batch order's state
+    'batches': a CPU generator's."""
+    tensors, meta = loads(blob)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    rng = part("rng.")
+    if "batches" in rng:
+        rng["batches.cpu"] = rng.pop("batches")
+    momentum = {int(k.split(".")[0]): v for k, v in part("optim.").items()}
+    return TrainingState(part("model."), part("best."), momentum, rng, meta)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -89,7 +89,8 @@ def load_model(blob: bytes, device: torch.device, which: str = "best") -> tuple[
     """The model a checkpoint holds (its best weights by default) on `device`, in eval mode, and
     the checkpoint's metadata. A specialist is its generalist's features with its own output
     layer (its subset's classes and a dustbin)."""
-    tensors, meta = checkpoint.loads(blob)
+    state = checkpoint.loads_state(blob)
+    meta = state.meta
     try:
         cfg = parse(ModelConfig, meta["model"], "model")
         image_shape = tuple(int(d) for d in meta["image_shape"])
@@ -102,10 +103,8 @@ def load_model(blob: bytes, device: torch.device, which: str = "best") -> tuple[
         model = SpecialistNet(model.features, nn.Linear(model.output.in_features,
                                                         len(meta["members"]) + 1))
     model = model.to(device)
-    prefix = which + "."
     try:
-        model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                               if k.startswith(prefix)})
+        model.load_state_dict(state.best if which == "best" else state.model)
     except RuntimeError:
         raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit its own model "
                               "description") from None

@@ -78,9 +78,12 @@ class Recipe:
         """Each student waits for its teacher; with stack_students, those that can train as one
         stacked model (ensemble.stacked) do."""
         cfg, specs = self.cfg, []
+        teacher_of = {name: "specialists" if scfg.soft_targets == "ensemble" else "generalists"
+                      for name, scfg in cfg.students.items()
+                      if scfg.uses_teacher and unaugmented(scfg)}
         for k, (name, scfg) in enumerate(cfg.students.items()):
             teacher = ("specialists",) if scfg.soft_targets == "ensemble" else ("generalists",)
-            if scfg.uses_teacher and unaugmented(scfg):  # and its outputs, computed once
+            if list(teacher_of.values()).count(teacher_of.get(name)) > 1:  # outputs shared
                 teacher += (self._outputs_of(teacher[0]),)
             specs.append(JobSpec(f"student-{name}", "student", f"students.{name}",
                                  cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources,
@@ -126,8 +129,9 @@ class Recipe:
                 "outputs": self.outputs.get(teacher) if unaugmented(scfg) else None}
 
     def _outputs_of(self, teacher: str) -> str:
-        """The task that computes `teacher`'s outputs on the transfer set once, added the first
-        time a student asks; its name."""
+        """The task that computes `teacher`'s outputs on the transfer set once for the students
+        that share them (two or more: one alone computes its own), added the first time one
+        asks; its name."""
         name = "soft targets" + (" (ensemble)" if teacher == "specialists" else "")
         if name not in self.sched.jobs:
             gen = self.cfg.generalists

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import ActorUnavailableError, RayError
 
-from ensemble.actors import fits_a_live_node, placement, start_actor
+from ensemble.actors import fits_a_live_node, live_nodes, placement, start_actor
 from ensemble.config import ResourcesConfig
 from ensemble.errors import TrainingError
 
@@ -174,22 +174,23 @@ class Scheduler:
                 if not all(self._ok(n) for n in job.spec.waits_for):
                     continue
                 if total is None and job.spec.role != "step":
-                    total = ray.cluster_resources()
+                    total = {"resources": ray.cluster_resources(), "nodes": live_nodes()}
                 if self._room_for(job, total):
                     self._start(job)
                     changed = True
 
-    def _room_for(self, job: Job, total: dict | None) -> bool:
-        """Whether `job` may start now: it fits what the cluster (`total`) has left after this
-        run's running jobs, or nothing of this run runs, or no live node can ever hold it."""
+    def _room_for(self, job: Job, cluster: dict | None) -> bool:
+        """Whether `job` may start now: it fits what the cluster's resources have left after
+        this run's running jobs, or nothing of this run runs, or no live node can ever hold it
+        (`cluster`: its resources and live nodes, asked once per round)."""
         if job.spec.role == "step" or not self.active:
             return True
-        res = job.spec.resources
+        res, total = job.spec.resources, cluster["resources"]
         held_cpu = sum(j.spec.resources.num_cpus for j, _ in self.active.values())
         held_gpu = sum(j.spec.resources.num_gpus for j, _ in self.active.values())
         return (held_cpu + res.num_cpus <= total.get("CPU", 0) + 1e-9
                 and held_gpu + res.num_gpus <= total.get("GPU", 0) + 1e-9) \
-            or not fits_a_live_node(res)
+            or not fits_a_live_node(res, cluster["nodes"])
 
     def _start(self, job: Job) -> None:
         spec = job.spec

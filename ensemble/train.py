@@ -303,65 +303,56 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints --------------------
     def checkpoint(self) -> bytes:
         """Weights, best weights, optimiser state and RNG states as one safetensors blob."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
-        for i, p in enumerate(self.model.parameters()):
-            buf = self.opt.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"optim.{i}.momentum_buffer"] = buf
-        tensors.update(self.rng_elsewhere)
-        tensors["rng.cpu"] = self.rng_cpu
-        tensors[f"rng.batches.{self.device.type}"] = self.batches.get_state()
+        params = list(self.model.parameters())
+        momentum = {i: self.opt.state[p]["momentum_buffer"] for i, p in enumerate(params)
+                    if self.opt.state.get(p, {}).get("momentum_buffer") is not None}
+        rng = {**self.rng_elsewhere, "cpu": self.rng_cpu,
+               f"batches.{self.device.type}": self.batches.get_state()}
         if self.rng_cuda is not None:
-            tensors["rng.cuda"] = self.rng_cuda
+            rng["cuda"] = self.rng_cuda
         meta = {"name": self.name, "kind": self.kind, "epoch": self.epoch, "seed": self.seed,
                 "model": to_dict(self.model_cfg), "train": to_dict(self.cfg),
                 "classes": self.classes, "image_shape": list(self.image_shape),
                 "best_epoch": self.best_epoch,
                 "best_val_errors": self.best_val_errors, "history": self.history,
                 "summary": self.summary(), **self.extra_meta()}
-        return checkpoint.dumps(tensors, meta)
+        return checkpoint.dumps_state(checkpoint.TrainingState(
+            self.model.state_dict(), self.best_state, momentum, rng, meta))
 
     def load(self, blob: bytes) -> None:
         """Restore everything `checkpoint()` saved; refuse a checkpoint of another model."""
-        tensors, meta = checkpoint.loads(blob)
+        state = checkpoint.loads_state(blob)
+        meta = state.meta
         if meta.get("model") != to_dict(self.model_cfg) or meta.get("classes") != self.classes:
             raise CheckpointError(f"checkpoint of '{meta.get('name')}' was saved for another "
                                   f"architecture than {self.name}'s")
         try:
-            self.model.load_state_dict({k[6:]: v for k, v in tensors.items()
-                                        if k.startswith("model.")})
-            self.best_state = {k[5:]: v.to(self.device) for k, v in tensors.items()
-                               if k.startswith("best.")}
+            self.model.load_state_dict(state.model)
+            self.best_state = {k: v.to(self.device) for k, v in state.best.items()}
         except RuntimeError:
             raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit "
                                   f"{self.name}'s layers") from None
         self.opt.state.clear()
         for i, p in enumerate(self.model.parameters()):
-            buf = tensors.get(f"optim.{i}.momentum_buffer")
-            if buf is not None:
-                self.opt.state[p]["momentum_buffer"] = buf.to(self.device)
-        self._load_rng(tensors)
+            if i in state.momentum:
+                self.opt.state[p]["momentum_buffer"] = state.momentum[i].to(self.device)
+        self._load_rng(state.rng)
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.best_epoch, self.best_val_errors = meta["best_epoch"], meta["best_val_errors"]
         self.best_confusion = meta.get("summary", {}).get("test_confusion")
 
-    def _load_rng(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _load_rng(self, rng: dict[str, torch.Tensor]) -> None:
         """Restore the RNG states of this trainer's device type; keep those of another (a
         checkpoint written on CUDA and resumed on CPU, or back). A state of another device type
         cannot seed this one: batch order and dropout then start from this trainer's own seeds."""
         kind = self.device.type
-        tensors = dict(tensors)
-        if "rng.batches" in tensors:  # written before states were kept per device type: on CPU
-            tensors["rng.batches.cpu"] = tensors.pop("rng.batches")
-        mine = {"rng.cpu", f"rng.batches.{kind}"} | ({"rng.cuda"} if kind == "cuda" else set())
-        self.rng_elsewhere = {k: v for k, v in tensors.items()
-                              if k.startswith("rng.") and k not in mine}
-        self.rng_cpu = tensors["rng.cpu"]
-        if f"rng.batches.{kind}" in tensors:
-            self.batches.set_state(tensors[f"rng.batches.{kind}"])
-        if kind == "cuda" and "rng.cuda" in tensors:
-            self.rng_cuda = tensors["rng.cuda"]
+        mine = {"cpu", f"batches.{kind}"} | ({"cuda"} if kind == "cuda" else set())
+        self.rng_elsewhere = {k: v for k, v in rng.items() if k not in mine}
+        self.rng_cpu = rng["cpu"]
+        if f"batches.{kind}" in rng:
+            self.batches.set_state(rng[f"batches.{kind}"])
+        if kind == "cuda" and "cuda" in rng:
+            self.rng_cuda = rng["cuda"]
 
     def best_model(self) -> nn.Module:
         """The model with its best-on-validation weights loaded (a copy; training is untouched)."""

@@ -99,6 +99,10 @@ def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch
         assert f"interrupted; continue with: ensemble run --resume {run}" in err, err
     if end == "error":
         assert "student-blows-up" in err, err
+    if end == "normal":  # a local Ray's workers inherit the setting that hides unassigned GPUs
+        placed = json.loads((run / "metrics.json").read_text())["models"]["generalist-0"]
+        assert placed["placement"]["device"] == "cpu"
+        assert placed["placement"]["visible_devices"] == ""
     deadline = time.time() + 30
     while any(p.is_running() for p in started) and time.time() < deadline:
         time.sleep(0.2)
