@@ -84,6 +84,7 @@ def _resolve_run(args) -> tuple[RunConfig, RunDir, bool, dict[str, bytes]]:
         run.close()
         raise ConfigError(f"run directory {path} already exists; pass --resume {path} to "
                           "continue it or choose another --run-dir")
+    run.check_creatable()
     return cfg, run, False, adopted
 
 

@@ -173,7 +173,12 @@ class SpecialistsConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
+        _require(self.k != 1, "k", "must be 0 (no specialists) or at least 2: one subset of "
+                 "every class leaves a specialist's dustbin nothing to learn", self.k)
         _require(self.k >= 0, "k", "must be >= 0", self.k)
+        _require(self.k == 0 or self.overlap < self.k - 1, "overlap",
+                 f"must be below k - 1 ({self.k - 1}): a class joining every other cluster puts "
+                 "every class in every subset, leaving the dustbins nothing", self.overlap)
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
         _require(self.overlap >= 0, "overlap", "must be >= 0", self.overlap)
@@ -405,6 +410,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply overrides, validate everything; raise ConfigError on any fault."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; name a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
@@ -413,6 +420,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys to values at its "
+                          f"top level, not a {type(raw).__name__}")
     return parse(RunConfig, apply_overrides(raw if raw is not None else {}, list(overrides)))
 
 

@@ -116,6 +116,21 @@ class RunDir:
             raise ConfigError(f"'{self.config_path}' is not valid YAML") from None
         return parse(RunConfig, raw)
 
+    def check_creatable(self) -> None:
+        """Refuse at once a local run directory that cannot be made: the nearest folder above it
+        that exists must take a new folder (tried, and removed again)."""
+        if self.fs is not None:
+            return
+        parent = self.path.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        try:
+            probe = tempfile.mkdtemp(prefix=".ensemble-probe-", dir=parent)
+        except OSError as err:
+            raise ConfigError(f"cannot create the run directory {self.location}: {parent} "
+                              f"takes no new folder ({err.strerror})") from None
+        Path(probe).rmdir()
+
     def create(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         checkpoint.write_atomic(self.config_path,

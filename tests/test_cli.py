@@ -58,6 +58,17 @@ def saved_run(damage):
 
 CASES = {  # name: (argv, exit code, words the message must hold, optional data or run factory)
     "missing config": (["run", "missing.yaml"], 2, "does not exist", None),
+    "config that is a folder": (["run", "{tmp}"], 2, "is a folder", None),
+    "config that is a YAML list": (["run", "{tmp}/list.yaml"], 2,
+                                   "mapping of keys to values at its top level, not a list", None),
+    "run directory that cannot be made": (["run", "{config}", "--run-dir", "/proc/ensemble/run"],
+                                          2, "cannot create the run directory", None),
+    "one specialist for every class": (["run", "{config}", "--set", "specialists.k=1"], 2,
+                                       "specialists.k must be 0 (no specialists) or at least 2",
+                                       None),
+    "subsets overlapping into every class": (["run", "{config}", "--set", "specialists.k=3",
+                                              "--set", "specialists.overlap=2"], 2,
+                                             "specialists.overlap must be below k - 1", None),
     "no config": (["run"], 2, "needs a CONFIG", None),
     "unknown flag": (["run", "{config}", "--bogus"], 2, "unrecognized arguments", None),
     "unknown key": (["run", "{config}", "--set", "generalist.count=2"], 2, "did you mean", None),
@@ -154,6 +165,7 @@ def test_bad_input(case, tmp_path, capsys):
     argv, code, message, factory = CASES[case]
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG)
+    (tmp_path / "list.yaml").write_text("- generalists\n- students\n")
     data = tmp_path / "data"
     saved = None
     if factory is not None and "saved" in " ".join(argv):
