@@ -35,12 +35,17 @@ def test_learns_and_tracks_best(splits):
             assert module.weight.norm(dim=1).max() <= 2.0 + 1e-5
 
 
+def trained(splits, epochs: int, seed: int = 3) -> Trainer:
+    """A trainer of every RNG stream (JITTER) after `epochs` epochs."""
+    t = Trainer("g", MODEL, JITTER, splits, seed=seed)
+    for _ in range(epochs):
+        t.train_epoch()
+    return t
+
+
 def test_resume_is_bit_identical(splits):
-    straight = Trainer("g", MODEL, JITTER, splits, seed=3)
-    for _ in range(3):
-        straight.train_epoch()
-    first = Trainer("g", MODEL, JITTER, splits, seed=3)
-    first.train_epoch()
+    straight = trained(splits, 3)
+    first = trained(splits, 1)
     blob = first.checkpoint()
     del first
     resumed = Trainer("g", MODEL, JITTER, splits, seed=3)
@@ -52,9 +57,7 @@ def test_resume_is_bit_identical(splits):
     for key, value in straight.best_state.items():
         assert torch.equal(value, resumed.best_state[key])
     # and a different seed really differs: the comparison above can fail
-    other = Trainer("g", MODEL, JITTER, splits, seed=4)
-    for _ in range(3):
-        other.train_epoch()
+    other = trained(splits, 3, seed=4)
     assert not torch.equal(weights(other)["output.weight"], weights(straight)["output.weight"])
 
 
@@ -77,11 +80,7 @@ def test_device_follows_rays_assignment_not_torchs_view(monkeypatch):
 
 
 def test_checkpoint_keeps_rng_states_per_device_type(splits):
-    straight = Trainer("g", MODEL, JITTER, splits, seed=3)
-    for _ in range(2):
-        straight.train_epoch()
-    first = Trainer("g", MODEL, JITTER, splits, seed=3)
-    first.train_epoch()
+    straight, first = trained(splits, 2), trained(splits, 1)
     tensors, meta = checkpoint.loads(first.checkpoint())
     assert "rng.batches.cpu" in tensors and "rng.cuda" not in tensors
     # as if epoch 1 had then gone on CUDA and come back: that device's states beside the CPU's
