@@ -222,3 +222,45 @@ def test_models_that_ask_for_no_gpu_stay_on_cpu_where_cuda_seems_present(tmp_pat
     run = tmp_path / "run"
     for task in ("subsets.json", "ensemble.json"):  # the coordinator and eq. 5's evaluation
         assert json.loads((run / task).read_text())["device"] == "cpu", task
+
+
+MANY = """
+name: many
+data: {val_size: 200, download: false}
+generalists:
+  count: 40
+  model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3}
+  train: {epochs: 2000, batch_size: 20, lr: 0.1, jitter: 1}
+"""
+
+
+def test_ctrl_c_while_models_queue_stops_at_once_and_leaves_nothing(tmp_path, scratch):
+    # 40 models for 2 CPUs: the driver starts the actors there is room for and queues the rest;
+    # Ctrl-C as the first actors start ends the run within seconds, leaving no process
+    data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
+    config = tmp_path / "c.yaml"
+    config.write_text(MANY)
+    run = tmp_path / "run"
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "ensemble.cli", "run", str(config), "--data-dir", str(data),
+         "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch)}, start_new_session=True,
+        preexec_fn=default_sigint)
+    try:
+        wait_for(run / "config.yaml", driver)  # written just before the first actors start
+        started = psutil.Process(driver.pid).children(recursive=True)
+        os.killpg(driver.pid, signal.SIGINT)
+        sent = time.time()
+        err = driver.communicate(timeout=120)[1]
+        took = time.time() - sent
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err
+    assert f"interrupted; continue with: ensemble run --resume {run}" in err, err
+    assert took < 30, took
+    deadline = time.time() + 30
+    while any(p.is_running() for p in started) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if p.is_running()], "processes left behind"
+    assert not list(scratch.glob("ray*")), "Ray's temporary directory was left behind"
