@@ -282,7 +282,7 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
             recipe.plan()
             sched.run()
         finally:
-            recorder.flush()  # what came back is on disk, whatever stopped the run
+            recorder.close()  # what came back is on disk, whatever stopped the run
     recorder.timings["total"] = time.perf_counter() - started
     results = recorder.results(sched)
     run.write_metrics(results, recorder.timings)

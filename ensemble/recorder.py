@@ -27,6 +27,7 @@ class Recorder:
         # files are written on a thread of their own, in order, off the scheduler's path
         self._files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-dir")
         self._writes: list[Future] = []
+        self._saved: dict[str, tuple[bytes, dict] | None] = {}  # read once per model
 
     @contextlib.contextmanager
     def timed(self, phase: str):
@@ -65,8 +66,11 @@ class Recorder:
 
     # ------------------------------------------------------------ what the scheduler reports ----
     def saved(self, name: str) -> tuple[bytes, dict] | None:
-        """The newest readable checkpoint of model `name` in the run directory, if any."""
-        return self.run.latest(name)
+        """The newest readable checkpoint of model `name` in the run directory, if any (read
+        from disk once: the recipe and the scheduler both ask before it trains)."""
+        if name not in self._saved:
+            self._saved[name] = self.run.latest(name)
+        return self._saved[name]
 
     def line(self, text: str) -> None:
         self.tracker.line(text)
@@ -85,6 +89,7 @@ class Recorder:
         self.tracker.epoch(job.name, job.spec.epochs, record)
         if blob is None:
             return job.summary
+        self._saved.pop(job.name, None)
         self._later(self._save, job.name, record["epoch"], blob)
         meta = checkpoint.read_meta(blob)
         if "members" in meta:  # a specialist's classes, for its figures
@@ -146,6 +151,13 @@ class Recorder:
         writes, self._writes = self._writes, []
         for write in writes:
             write.result()
+
+    def close(self) -> None:
+        """Every file written (raising the first write that failed), the writer's thread gone."""
+        try:
+            self.flush()
+        finally:
+            self._files.shutdown()
 
     def results(self, scheduler) -> dict[str, dict]:
         """Every model: its role, status, error, placement, summary and epochs (metrics.json)."""

@@ -92,6 +92,7 @@ class Scheduler:
         self.checkpoint_every = checkpoint_every
         self.jobs: dict[str, Job] = {}  # every job, in the order it was added
         self.active: dict[object, tuple[Job, object]] = {}  # ref -> (job, its checkpoint's ref)
+        self.in_stacks: set[str] = set()  # models trained as members of a stack
 
     # ------------------------------------------------------------ adding jobs --------------------
     def train(self, spec: JobSpec, make: Callable[[], tuple[tuple, dict]],
@@ -108,6 +109,7 @@ class Scheduler:
                     meta["summary"]
                 one.saved_epoch = one.epoch
         if spec.members:
+            self.in_stacks.update(m.name for m in spec.members)
             job.members = [self.jobs[m.name] for m in spec.members]
             job.epoch = job.saved_epoch = job.members[0].epoch
             job.blob = [m.blob for m in job.members]
@@ -151,9 +153,8 @@ class Scheduler:
     def _pending(self) -> list[Job]:
         """Jobs not started, not finished and not failed: critical ones first, then by age."""
         running = {id(job) for job, _ in self.active.values()}
-        in_stacks = {m.name for j in self.jobs.values() for m in j.spec.members}
         waiting = [j for j in self.jobs.values() if not j.error and not j.finished
-                   and id(j) not in running and j.name not in in_stacks]
+                   and id(j) not in running and j.name not in self.in_stacks]
         return sorted(waiting, key=lambda j: not j.spec.critical)
 
     def _ok(self, name: str) -> bool:
@@ -176,7 +177,7 @@ class Scheduler:
                 if total is None and job.spec.role != "step":
                     total = {"resources": ray.cluster_resources(), "nodes": live_nodes()}
                 if self._room_for(job, total):
-                    self._start(job)
+                    self._start(job, total)
                     changed = True
 
     def _room_for(self, job: Job, cluster: dict | None) -> bool:
@@ -192,13 +193,13 @@ class Scheduler:
                 and held_gpu + res.num_gpus <= total.get("GPU", 0) + 1e-9) \
             or not fits_a_live_node(res, cluster["nodes"])
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job, cluster: dict | None) -> None:
         spec = job.spec
         if spec.role == "step":
             job.done = True
             self._finish(job)
             return
-        job.new_node = not fits_a_live_node(spec.resources)
+        job.new_node = not fits_a_live_node(spec.resources, cluster["nodes"])
         job.started_at = time.time()
         for member in job.members:
             member.started_at = job.started_at
@@ -278,8 +279,6 @@ class Scheduler:
                 self._record_epoch(member, one, member_blob)
         else:
             self._record_epoch(job, record, blob)
-            if blob is not None:
-                job.blob = blob_ref
         self.recorder.write(self)
         if job.finished:
             self._stop(job)
@@ -287,8 +286,6 @@ class Scheduler:
 
     def _record_epoch(self, job: Job, record: dict, blob: bytes | None) -> None:
         job.epoch = record["epoch"]
-        if blob is not None:
-            job.blob, job.saved_epoch = blob, job.epoch
         job.history.append(record)
         job.summary = self.recorder.epoch(job, record, blob)
 

@@ -11,9 +11,9 @@ student checkpoint. Only the steps are shared: each epoch the members' weights a
 stacked, trained, and written back. Per member the arithmetic is that of training it alone, up
 to the summation order inside the batched matmuls (tests/test_stacked.py states the tolerance).
 The loss is distill.distillation_loss on the stacked shapes. The forward pass is not the
-model's own under torch.func.vmap(functional_call): that keeps each weight as (N, out, in) and
-was about 1.5x slower per step than these (N, in, out) matmuls on this CPU (8 students of
-784-300-300-10, batch 100, one thread), which would give back most of what stacking gains.
+model's own under torch.func.vmap(functional_call): that keeps each weight as (N, out, in), and
+in a one-off check here (8 students of 784-300-300-10, batch 100, one thread) a step took
+clearly longer than with these (N, in, out) matmuls, giving back much of what stacking gains.
 """
 from __future__ import annotations
 

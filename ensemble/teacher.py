@@ -37,16 +37,14 @@ class Teacher:
         self.mean = mean
 
     @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every model's logits (M, N, C) for inputs x (N, ...), computed in chunks."""
+        return torch.cat([torch.stack([m(x[i:i + EVAL_BATCH]) for m in self.models])
+                          for i in range(0, len(x), EVAL_BATCH)], 1)
+
     def probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Soft targets (N, C) for inputs x (N, ...), computed in chunks."""
-        out = []
-        for i in range(0, len(x), EVAL_BATCH):
-            logits = torch.stack([m(x[i:i + EVAL_BATCH]) for m in self.models])  # (M, b, C)
-            if self.mean == "logits":
-                out.append(F.softmax(logits.mean(0) / temperature, dim=1))
-            else:
-                out.append(F.softmax(logits / temperature, dim=2).mean(0))
-        return torch.cat(out)
+        """Soft targets (N, C) for inputs x (N, ...)."""
+        return soft_targets(self.logits(x), temperature, self.mean)
 
 
 def load_teacher(generalists: Sequence[bytes], device: torch.device, mean: str = "probs",
@@ -90,8 +88,7 @@ def teacher_outputs(generalists: list[bytes], data: Splits, threads: int = 1,
     x = to_device(data.train_x, dev)
     if isinstance(teacher, Ensemble):
         return teacher.predict(x)[1].cpu()
-    return torch.cat([torch.stack([m(x[i:i + EVAL_BATCH]) for m in teacher.models], 0)
-                      for i in range(0, len(x), EVAL_BATCH)], 1).cpu()
+    return teacher.logits(x).cpu()
 
 
 def soft_targets(outputs: torch.Tensor, temperature: float, mean: str = "probs") -> torch.Tensor:

@@ -44,7 +44,8 @@ def pick_device(name: str | torch.device = "auto",
         raise TrainingError("device 'cuda' was asked for by a model that Ray assigned no GPU; "
                             "give it resources.num_gpus or use device 'auto'")
     if name == "cuda" and not torch.cuda.is_available():
-        where = f"Ray assigned GPU {', '.join(map(str, gpu_ids))}" if gpu_ids else "it was asked for"
+        where = (f"Ray assigned GPU {', '.join(map(str, gpu_ids))}" if gpu_ids
+                 else "it was asked for")
         raise TrainingError(f"device 'cuda': {where} but torch sees no GPU here")
     if name == "auto":
         assigned = bool(gpu_ids) if under_ray else True

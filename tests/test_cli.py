@@ -39,7 +39,8 @@ def saved_run(damage):
     def make(tmp):
         data = write_mnist_like(tmp / "good-data", n_train=300, n_test=50)
         cfg = parse(RunConfig, {"name": "t", "data": {"val_size": 100, "download": False},
-                         "generalists": {"model": {"hidden": [16]}, "train": {"epochs": 2}}})
+                                "generalists": {"model": {"hidden": [16]},
+                                                "train": {"epochs": 2}}})
         run = RunDir(tmp / "saved")
         run.create(cfg)
         model = ModelConfig(hidden=(24,)) if damage == "architecture" else cfg.generalists.model
