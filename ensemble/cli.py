@@ -1,4 +1,4 @@
-"""`ensemble run | eval | report | export`: every mistake in the input ends in one sentence on stderr and a
+"""`ensemble run | eval | report | export | table`: every mistake in the input ends in one sentence on stderr and a
 non-zero exit, before any work starts and without touching an existing run directory."""
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="a model of the run (e.g. student-distilled) or a role (generalist, "
                           "specialist, student: its model with the fewest validation errors); "
                           "default: student")
+    tab = sub.add_parser("table", help="the paper's tables (section 3's rows, seeds, temperature "
+                                       "x width, the ensemble's gain kept, Table 4) from runs")
+    tab.add_argument("run_dirs", nargs="+", metavar="RUN",
+                     help="the run to analyse; runs after it on the same data lend their "
+                          "students trained alike (seeds of one recipe)")
+    tab.add_argument("--out", help="Markdown file, its figures beside it (default: "
+                                   "RUN/table.md)")
+    tab.add_argument("--data-dir")
     return parser
 
 
@@ -273,11 +281,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from ensemble import analysis
+
+    runs = []
+    try:
+        for location in args.run_dirs:
+            runs.append(_existing_run(location))
+        out = Path(args.out) if args.out else runs[0].path / "table.md"
+        print(analysis.tables(runs, out, args.data_dir), end="")
+    finally:
+        for run in runs:
+            run.close()  # a URI run directory gets its table.md here
+    where = args.out or f"{runs[0].location.rstrip('/')}/table.md"
+    print(f"wrote {where} and its figures")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report,
-                "export": cmd_export}[args.command](args)
+                "export": cmd_export, "table": cmd_table}[args.command](args)
     except EnsembleError as err:
         print(f"ensemble: error: {err}", file=sys.stderr)
         return err.exit_code

@@ -205,6 +205,10 @@ class StudentConfig:
     #                         one fixed random draw shared by every student (3 %: 1800 on MNIST)
     soft_targets: Literal["generalists", "ensemble"] = "generalists"  # ensemble: eq. 5's q with
     #                                                    the specialists (needs specialists.k > 0)
+    paper: Literal["", "hard", "distilled", "no3", "only78", "grid"] = ""  # the row of the
+    #   paper's MNIST table (§3) this student fills in `ensemble table`: hard (alpha 0),
+    #   distilled, no3 (drop_classes [3]), only78 (keep_classes [7, 8]), grid (the temperature x
+    #   width study: its temperature and first hidden width); "" = a row of its own
 
     def __post_init__(self):
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
@@ -269,6 +273,7 @@ class RunConfig:
                 chosen = getattr(student, key)
                 _require(all(0 <= c < classes for c in chosen), f"students.{name}.{key}",
                          f"must hold class indices in [0, {classes})", list(chosen))
+            _check_paper_row(name, student, self.students)
             kept = (set(student.keep_classes) if student.keep_classes
                     else set(range(classes)) - set(student.drop_classes))
             _require(bool(kept), f"students.{name}.drop_classes",
@@ -285,6 +290,25 @@ class RunConfig:
             yield "specialists.resources", self.specialists.resources
         for name, student in self.students.items():
             yield f"students.{name}.resources", student.resources
+
+
+PAPER_ROWS = {"hard": "alpha 0", "distilled": "alpha > 0", "no3": "drop_classes [3] and alpha > 0",
+              "only78": "keep_classes [7, 8] and alpha > 0"}  # what each row of §3 is
+
+
+def _check_paper_row(name: str, student: StudentConfig, students: dict) -> None:
+    """A student's `paper` row must be the experiment it names, and each row is one student's."""
+    row = student.paper
+    if not row or row == "grid":
+        return
+    other = next(n for n, s in students.items() if s.paper == row)
+    _require(other == name, f"students.{name}.paper", f"names the row student '{other}' "
+             "already fills (one student per row; seeds of it need no tag)", row)
+    fits = {"hard": not student.uses_teacher, "distilled": student.uses_teacher,
+            "no3": student.drop_classes == (3,) and student.uses_teacher,
+            "only78": student.keep_classes == (7, 8) and student.uses_teacher}[row]
+    _require(fits, f"students.{name}.paper", f"is the paper's '{row}' experiment, which needs "
+             f"{PAPER_ROWS[row]}", row)
 
 
 # ---------------------------------------------------------------- building from YAML -------------

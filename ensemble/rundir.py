@@ -234,13 +234,18 @@ def specialists_section(subsets: dict | None, ensemble: dict | None) -> str:
                   f"| with specialists (eq. 5, top-{ensemble.get('top_n', 1)}) | "
                   f"{ensemble['val']['ensemble_errors']} | {ensemble['test']['ensemble_errors']} |",
                   "", "Test examples by the number of specialists covering their true class "
-                  "(the paper's Table 4):", "",
-                  "| specialists | examples | correct, generalists | correct, with specialists "
-                  "| change | relative |", "|---:|---:|---:|---:|---:|---:|"]
-        for r in ensemble["table4"]:
-            lines.append(f"| {r['specialists']} | {r['examples']} | {r['generalist_correct']} | "
-                         f"{r['ensemble_correct']} | {r['change']:+d} | {r['relative']:+.2%} |")
+                  "(the paper's Table 4):", "", *table4_section(ensemble)]
     return "\n".join(lines) + "\n"
+
+
+def table4_section(ensemble: dict) -> list[str]:
+    """Markdown rows of the paper's Table 4 from a run's ensemble.json."""
+    lines = ["| specialists | examples | correct, generalists | correct, with specialists "
+             "| change | relative |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in ensemble["table4"]:
+        lines.append(f"| {r['specialists']} | {r['examples']} | {r['generalist_correct']} | "
+                     f"{r['ensemble_correct']} | {r['change']:+d} | {r['relative']:+.2%} |")
+    return lines
 
 
 PHASES = ("ray start", "data placement", "generalists", "coordinator", "specialists",

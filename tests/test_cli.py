@@ -119,6 +119,8 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
                                       saved_run(None)),
     "report of a damaged metrics.json": (["report", "{saved}"], 2, "metrics.json is damaged",
                                          saved_run("metrics")),
+    "table of no run": (["table", "{tmp}/nowhere"], 2, "not a run directory", None),
+    "table of a damaged checkpoint": (["table", "{saved}"], 4, "damaged", saved_run("corrupt")),
     "export of no run": (["export", "{tmp}/nowhere"], 2, "not a run directory", None),
     "export of an unknown model": (["export", "{saved}", "--model", "teacher"], 2,
                                    "no model 'teacher'", saved_run(None)),

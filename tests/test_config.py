@@ -47,6 +47,9 @@ def test_nested_partial_sections_keep_their_defaults():
     ({"generalists": {"model": {"hidden": []}}}, "non-empty"),
     ({"generalists": {"model": {"dropout_in": 1.0}}}, r"in \[0, 1\)"),
     ({"data": 3}, "data must be a mapping"),
+    ({"students": {"s": {"paper": "no3"}}}, r"'no3' experiment, which needs drop_classes \[3\]"),
+    ({"students": {"s": {"paper": "distilled"}, "t": {"paper": "distilled"}}},
+     "names the row student 's' already fills"),
 ])
 def test_bad_configs(raw, message):
     with pytest.raises(ConfigError, match=message):

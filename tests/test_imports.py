@@ -1,4 +1,5 @@
-"""The layering: the core never loads Ray, and no two modules import each other, even lazily."""
+"""The layering: the core never loads Ray, no two modules import each other, even lazily, and
+no function is longer than a screen (60 lines)."""
 import ast
 import subprocess
 import sys
@@ -66,3 +67,12 @@ def test_no_import_cycle():
         if name not in state:
             visit(name, [name])
     assert graph["ensemble.distill"]  # the graph is read: distill imports the teacher
+
+
+def test_no_function_over_60_lines():
+    lengths = {f"{name}.{node.name}": node.end_lineno - node.lineno + 1
+               for name, path in modules().items()
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert len(lengths) > 300 and "ensemble.analysis.tables" in lengths  # every module read
+    assert {name: n for name, n in lengths.items() if n > 60} == {}

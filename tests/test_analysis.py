@@ -1,0 +1,111 @@
+"""`ensemble table`: the paper's analysis of finished runs (ensemble/analysis.py)."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ensemble import analysis
+from ensemble.cli import main
+from ensemble.config import ResourcesConfig, StudentConfig, TrainConfig
+from ensemble.rundir import RunDir
+from tests import table_run
+
+GOLDEN = Path(__file__).parent / "golden" / "paper_table.md"
+
+
+def blocks(text: str, start: str) -> list[list[str]]:
+    """Runs of consecutive lines that start with `start` (the tables: '|'; the headings: '#')."""
+    found, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith(start):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return found
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("table")
+    table_run.write_data(root / "data")
+    table_run.build(root / "run")
+    return root
+
+
+def test_table_verb_gives_the_old_benchmarks_tables(built, capsys):
+    """tests/golden/paper_table.md is what benchmarks/paper_mnist.py wrote for this run before
+    the analysis moved into the package (commit cb708d7; its `ensemble run --resume` step
+    skipped, the run being built, not trained, and its config without the `paper` keys that
+    replaced its matching of student names). The verb gives the same tables, and Table 4."""
+    out = built / "out" / "t.md"
+    assert main(["table", str(built / "run"), "--data-dir", str(built / "data"),
+                 "--out", str(out)]) == 0
+    new, old = out.read_text(), GOLDEN.read_text()
+    assert capsys.readouterr().out.startswith(new)
+    tables = blocks(new, "|")
+    assert tables[:-1] == blocks(old, "|")
+    assert tables[-1][0].startswith("| specialists | examples |")  # Table 4, from ensemble.json
+    assert blocks(new, "## ")[:-1] == blocks(old, "## ")
+    assert (out.parent / "t.png").stat().st_size > 0
+    assert (out.parent / "t_temperature.png").stat().st_size > 0
+
+
+def test_pooled_runs_join_the_seeds_and_other_data_is_refused(built, tmp_path, capsys):
+    pool = tmp_path / "pool"
+    shutil.copytree(built / "run", pool)
+    out = tmp_path / "t.md"
+    assert main(["table", str(built / "run"), str(pool), "--data-dir", str(built / "data"),
+                 "--out", str(out)]) == 0
+    seeds = blocks(out.read_text(), "|")[1]
+    hard = next(line for line in seeds if line.startswith("| hard |"))
+    assert "| 2 |" in hard and f"hard (run) {hard.split()[-2]}" in hard  # the same test errors
+    assert "hard (pool)" in hard
+
+    config = pool / "config.yaml"
+    raw = yaml.safe_load(config.read_text())
+    raw["data"]["val_size"] = 50
+    config.write_text(yaml.safe_dump(raw))
+    before = out.read_bytes()
+    assert main(["table", str(built / "run"), str(pool), "--data-dir", str(built / "data"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "pooled run" in err and "differ" in err and err.count("\n") == 1
+    assert out.read_bytes() == before
+
+
+def test_bias_shift_is_chosen_on_validation():
+    # class 1 wins the first three examples once its logit is raised by more than 1.9: the
+    # smallest shift tried (steps of 0.25) with no error is 2; lowering class 0 only hurts
+    val = analysis.torch.tensor([[2.0, 0.5], [2.0, 0.8], [2.0, 0.1], [0.0, 3.0]])
+    y_val = analysis.torch.tensor([1, 1, 1, 1])
+    assert analysis.best_shift(val, y_val, [1], +1.0) == 2.0
+    assert analysis.best_shift(-val, 1 - y_val, [0], -1.0) == 0.0
+
+
+def test_recipe_ignores_only_what_cannot_change_training():
+    recipe = analysis.recipe
+    hard = StudentConfig(alpha=0.0, temperature=20.0)
+    assert recipe(hard) == recipe(dataclasses.replace(hard, temperature=4.0,
+                                                      soft_targets="ensemble"))
+    assert recipe(hard) == recipe(dataclasses.replace(hard, resources=ResourcesConfig(num_cpus=2)))
+    assert recipe(hard) == recipe(dataclasses.replace(hard, paper="hard"))
+    soft = StudentConfig(alpha=0.9, temperature=4.0)
+    assert recipe(soft) != recipe(dataclasses.replace(soft, temperature=20.0))
+    assert recipe(soft) != recipe(dataclasses.replace(soft, soft_targets="ensemble"))
+    assert recipe(soft) != recipe(dataclasses.replace(soft, train=TrainConfig(elastic=34.0)))
+    assert recipe(hard) != recipe(dataclasses.replace(hard, alpha=0.1))
+
+
+def test_seeds_section_pools_runs_by_key():
+    runs = [("a", {"student-x": "k1", "student-y": "k2"},
+             {"student-x": (10, 20), "student-y": (5, 6)}),
+            ("b", {"student-x-s1": "k1"}, {"student-x-s1": (12, 24)})]
+    lines = analysis.seeds_section(runs)
+    rows = [line for line in lines if line.startswith("| x ")]
+    assert len(rows) == 1 and "| 2 |" in rows[0] and "22.0 ± 2.8 (20–24)" in rows[0]
+    assert "x (a) 20, x-s1 (b) 24" in rows[0]
+    assert not any(line.startswith("| y ") for line in lines)  # one seed: no row
+    assert analysis.seeds_section([]) == []
