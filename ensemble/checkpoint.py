@@ -3,11 +3,13 @@ metadata holds everything else as JSON (config, epoch, metrics) and a sha256 of 
 
 Trainers make and read blobs (bytes) and never touch the file system, so a checkpoint can travel
 through Ray to the driver; only the driver writes files, atomically (temporary file, fsync,
-rename, directory fsync), keeping the last two. Nothing here goes through pickle.
+rename, directory fsync), keeping the last two. Nothing here goes through pickle; weights
+trained elsewhere are read from safetensors or with torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ensemble.errors import CheckpointError
+from ensemble.errors import CheckpointError, ConfigError
 
 FORMAT = "ensemble/1"
 KEEP = 2  # checkpoints kept per model: the newest, and one to fall back on if it is damaged
@@ -154,3 +156,44 @@ def load_latest(folder: Path) -> tuple[bytes, dict] | None:
     if problems:
         raise CheckpointError(f"no readable checkpoint in {folder} ({'; '.join(problems)})")
     return None
+
+
+def read_state_dict(location: str) -> dict[str, torch.Tensor]:
+    """The state dict in a file trained elsewhere, by path or URI (through pyarrow.fs):
+    safetensors, or a torch file read with weights_only=True (no code in it runs); a mapping
+    whose 'state_dict' is one gives that. ConfigError, in one sentence, if it holds none."""
+    data = _read_bytes(location)
+    try:
+        return st_load(data)
+    except Exception:  # not safetensors: a torch file, perhaps
+        pass
+    try:
+        found = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{location} is neither safetensors nor a torch file of tensors "
+                          f"({first[:200]})") from None
+    if isinstance(found, dict) and isinstance(found.get("state_dict"), dict):
+        found = found["state_dict"]
+    if not (isinstance(found, dict) and found and
+            all(isinstance(v, torch.Tensor) for v in found.values())):
+        raise ConfigError(f"{location} holds no state dict (a mapping of names to tensors)")
+    return found
+
+
+def _read_bytes(location: str) -> bytes:
+    if "://" not in location:
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"there is no file {location}")
+        return path.read_bytes()
+    try:
+        from pyarrow import fs
+
+        filesystem, where = fs.FileSystem.from_uri(location)
+        with filesystem.open_input_stream(where) as src:
+            return src.read()
+    except ImportError:
+        raise ConfigError(f"reading {location} needs pyarrow: pip install -e '.[uri]'") from None
+    except Exception as err:  # pyarrow raises several types for a URI it cannot read
+        raise ConfigError(f"cannot read {location}: {str(err).splitlines()[0]}") from None

@@ -165,6 +165,9 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
     from ensemble.tracking import Tracker
 
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
+    _check_models(cfg, splits)
+    if cfg.generalists.weights and not resume:
+        adopted = _generalists_from_weights(cfg, splits)
     if resume:
         run.check_checkpoints(cfg)
     if not args.address:
@@ -189,6 +192,41 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
     finally:
         tracker.close()
     return 0
+
+
+def _check_models(cfg: RunConfig, splits) -> None:
+    """Every model of the run built once and run on one image of the data (specialists are
+    their generalists with another head): one sentence naming the key if one cannot be."""
+    from ensemble.models import check_model
+
+    models = [("generalists.model", cfg.generalists.model)]
+    models += [(f"students.{name}.model", s.model) for name, s in cfg.students.items()]
+    for key, model in models:
+        check_model(model, key, splits.image_shape, splits.num_classes)
+
+
+def _generalists_from_weights(cfg: RunConfig, splits) -> dict[str, bytes]:
+    """generalists.weights: each file's state dict as a finished generalist, evaluated."""
+    from ensemble.checkpoint import read_state_dict
+    from ensemble.train import Trainer
+
+    blobs = {}
+    for i, location in enumerate(cfg.generalists.weights):
+        key = f"generalists.weights[{i}]"
+        try:
+            state = read_state_dict(location)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        trainer = Trainer(f"generalist-{i}", cfg.generalists.model, cfg.generalists.train,
+                          splits, cfg.seed + i)
+        try:
+            trainer.adopt(state, location)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[-1].strip()[:200]
+            raise ConfigError(f"{key}: {location} does not fit generalists.model ({first})") \
+                from None
+        blobs[trainer.name] = trainer.checkpoint()
+    return blobs
 
 
 def cmd_eval(args) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -45,11 +46,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    kind: Literal["mlp", "cnn"] = "mlp"  # mlp: the paper's nets (§3); cnn: a small net for 32x32 colour
+    kind: Literal["mlp", "cnn", "resnet8x4", "resnet32x4", "resnet20", "resnet56", "wrn_16_2",
+                  "wrn_40_2"] = "mlp"  # mlp: the paper's nets (§3); cnn: a small net for 32x32
+    #   colour; resnet*, wrn_*: the CIFAR nets of the distillation literature (ensemble.zoo)
     hidden: tuple[int, ...] = (1200, 1200)  # §3 teacher: 784-1200-1200-10; for a cnn, channels per block
     dropout_in: float = 0.2  # Hinton et al. 2012: 20% input dropout on MNIST
     dropout_hidden: float = 0.5  # Hinton et al. 2012: 50% hidden dropout
     max_norm: float = 0.0  # bound on each unit's incoming weight norm (2012: squared length 15); 0 = off
+    factory: str = ""  # your own model: "package.module:callable" returning an nn.Module, called
+    #   with `kwargs`; it replaces kind, hidden and dropout (e.g. "torchvision.models:resnet18")
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the factory's keyword arguments
+    head: str = ""  # the factory's classifier (a Linear), by its name in named_modules(); "" =
+    #   the last Linear. Its outputs must be the data's classes; a specialist replaces it
 
     def __post_init__(self):
         _require(len(self.hidden) > 0 and all(h > 0 for h in self.hidden), "hidden",
@@ -57,6 +65,11 @@ class ModelConfig:
         for key in ("dropout_in", "dropout_hidden"):
             value = getattr(self, key)
             _require(0.0 <= value < 1.0, key, "must be in [0, 1)", value)
+        _require(not self.factory or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*",
+                                                   self.factory) is not None,
+                 "factory", "must be 'package.module:callable'", self.factory)
+        _require(bool(self.factory) or not (self.kwargs or self.head), "factory",
+                 "is needed for kwargs and head (they belong to a factory's model)", self.factory)
         _require(self.max_norm >= 0, "max_norm", "must be >= 0 (0 turns it off)", self.max_norm)
 
 
@@ -148,9 +161,19 @@ class GeneralistsConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     from_run: str = ""  # a finished run whose generalists (recipe and checkpoints) are taken over,
     #                     not trained again; its data split must be this run's
+    weights: tuple[str, ...] = ()  # generalists trained elsewhere, one state dict each (a path or
+    #   URI; safetensors, or a torch file read with weights_only=True) of `model`: evaluated and
+    #   used as finished generalists, not trained; count follows their number
 
     def __post_init__(self):
         _require(self.count >= 1, "count", "must be >= 1", self.count)
+        if self.weights and self.count == 1:
+            object.__setattr__(self, "count", len(self.weights))  # frozen: set once, here
+        _require(not self.weights or self.count == len(self.weights), "count",
+                 f"must be the number of weights ({len(self.weights)})", self.count)
+        _require(not (self.weights and self.from_run), "weights",
+                 "cannot be combined with from_run (both give finished generalists)",
+                 list(self.weights))
 
 
 @dataclass(frozen=True)
@@ -348,6 +371,13 @@ def _coerce(tp: Any, value: Any, key: str, base: Any = None) -> Any:
             raise wrong
         inner = get_args(tp)[1]
         return {str(k): _coerce(inner, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:  # plain data handed on as it is (a factory's kwargs): it must fit in JSON
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} must be plain data (numbers, strings, lists, mappings), "
+                              f"got {value!r}") from None
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise wrong

@@ -65,10 +65,10 @@ def export(run: RunDir, wanted: str) -> list[str]:
     with torch.no_grad(), warnings.catch_warnings(), \
             contextlib.redirect_stdout(io.StringIO()):  # the exporters' chatter
         warnings.simplefilter("ignore")
-        program = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, folder / f"{name}.pt2")
         torch.onnx.export(model, (example,), folder / f"{name}.onnx", dynamo=True,
-                          dynamic_shapes={"x": {0: batch}}, input_names=["images"],
+                          dynamic_shapes=({0: batch},), input_names=["images"],
                           output_names=["logits"], external_data=False)
     classes = len(meta["members"]) + 1 if specialist else meta["classes"]
     about = {"model": name, "epoch": meta["best_epoch"], "input": "images",

@@ -1,17 +1,22 @@
-"""The paper's MLPs and a small CNN for 32x32 colour images, built from a `ModelConfig`.
+"""Models from a `ModelConfig`: the paper's MLPs, a small CNN for 32x32 colour images, the CIFAR
+nets of the distillation literature (ensemble.zoo), or any nn.Module a factory returns.
 
-Every model is `features` (input -> last hidden layer) followed by `output` (one Linear layer to
-the classes), so a specialist can swap the output layer for its own classes plus a dustbin.
+Every model's classifier is one Linear layer to the classes, its head: the config's `head`, else
+the last Linear in `named_modules()` order. A specialist is its generalist with the head
+replaced by one over its subset plus a dustbin, so models know nothing of specialists.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import ModelConfig, parse
-from ensemble.errors import CheckpointError
-from specialists.specialist import SpecialistNet
+from ensemble.errors import CheckpointError, ConfigError
+from ensemble.zoo import ZOO
+from specialists.specialist import DustbinHead
 
 
 class MLP(nn.Module):
@@ -60,11 +65,91 @@ class SmallCNN(nn.Module):
 
 
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], classes: int) -> nn.Module:
-    """The model `cfg` names, for images of `image_shape` (C,H,W) and `classes` outputs."""
+    """The model `cfg` names, for images of `image_shape` (C,H,W) and `classes` outputs (a
+    factory's model has the outputs its kwargs give it: `check_model` compares them)."""
     c, h, w = image_shape
+    if cfg.factory:
+        return factory(cfg.factory)(**cfg.kwargs)
     if cfg.kind == "mlp":
         return MLP(c * h * w, cfg.hidden, classes, cfg.dropout_in, cfg.dropout_hidden)
+    if cfg.kind in ZOO:
+        return ZOO[cfg.kind](c, classes)
     return SmallCNN(c, cfg.hidden, classes, cfg.dropout_in, cfg.dropout_hidden)
+
+
+def factory(path: str):
+    """The callable "package.module:callable" names (ConfigError if it cannot be imported)."""
+    module, _, name = path.partition(":")
+    try:
+        found = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"cannot import {path} ({err})") from None
+    if not callable(found):
+        raise ConfigError(f"{path} is not callable")
+    return found
+
+
+def head_of(model: nn.Module, name: str = "") -> tuple[str, nn.Linear]:
+    """(name, module) of the model's classifier: the module `name`, else the last Linear."""
+    modules = dict(model.named_modules())
+    if not name:
+        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError("has no nn.Linear to serve as its classifier (its head)")
+        name = linears[-1]
+    if not isinstance(modules.get(name), nn.Linear):
+        raise ConfigError(f"has no nn.Linear named '{name}' (its head)")
+    return name, modules[name]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def specialist_model(base: nn.Module, cfg: ModelConfig, members: int) -> nn.Module:
+    """`base` with its head replaced by an empty one over `members` classes plus a dustbin."""
+    name, head = head_of(base, cfg.head)
+    replace_module(base, name, DustbinHead(head.in_features, members + 1))
+    return base
+
+
+def check_model(cfg: ModelConfig, key: str, image_shape: tuple[int, int, int],
+                classes: int) -> None:
+    """Refuse, in one sentence naming `key`, a model that cannot be built or does not fit the
+    data: its head's outputs, and one forward pass in eval mode on one image."""
+    try:
+        model = build_model(cfg, image_shape, classes)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.factory: {err}") from None
+    except Exception as err:
+        raise ConfigError(f"{key}: building the model failed: {_first_line(err)}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{key}.factory: {cfg.factory} returned a {type(model).__name__}, "
+                          "not an nn.Module")
+    try:
+        _, head = head_of(model, cfg.head)
+    except ConfigError as err:
+        raise ConfigError(f"{key}: the model {err}") from None
+    if head.out_features != classes:
+        raise ConfigError(f"{key}: the model's head has {head.out_features} outputs but the data "
+                          f"have {classes} classes")
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *image_shape))
+    except Exception as err:
+        raise ConfigError(f"{key}: the model fails on one {'x'.join(map(str, image_shape))} "
+                          f"image: {_first_line(err)}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, classes):
+        raise ConfigError(f"{key}: the model's output for one image is "
+                          f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}, not "
+                          f"(1, {classes}) logits")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 @torch.no_grad()
@@ -87,8 +172,8 @@ def checkpoint_kind(meta: dict) -> str:
 
 def load_model(blob: bytes, device: torch.device, which: str = "best") -> tuple[nn.Module, dict]:
     """The model a checkpoint holds (its best weights by default) on `device`, in eval mode, and
-    the checkpoint's metadata. A specialist is its generalist's features with its own output
-    layer (its subset's classes and a dustbin)."""
+    the checkpoint's metadata. A specialist is its generalist with its own head (its subset's
+    classes and a dustbin)."""
     state = checkpoint.loads_state(blob)
     meta = state.meta
     try:
@@ -99,12 +184,15 @@ def load_model(blob: bytes, device: torch.device, which: str = "best") -> tuple[
         raise CheckpointError(f"checkpoint of '{meta.get('name')}' has no valid model "
                               "description") from None
     model = build_model(cfg, image_shape, classes)
+    weights = state.best if which == "best" else state.model
     if checkpoint_kind(meta) == "specialist":
-        model = SpecialistNet(model.features, nn.Linear(model.output.in_features,
-                                                        len(meta["members"]) + 1))
+        model = specialist_model(model, cfg, len(meta["members"]))
+        if "dustbin_offset" in weights:  # written before the offset moved into the head
+            name, _ = head_of(model, cfg.head)
+            weights[f"{name}.dustbin_offset"] = weights.pop("dustbin_offset")
     model = model.to(device)
     try:
-        model.load_state_dict(state.best if which == "best" else state.model)
+        model.load_state_dict(weights)
     except RuntimeError:
         raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit its own model "
                               "description") from None

@@ -57,7 +57,8 @@ class Recipe:
         names = tuple(f"generalist-{i}" for i in range(gen.count))
         for i, name in enumerate(names):
             self.sched.train(JobSpec(
-                name, "generalist", "generalists", cfg.seed + i, gen.resources, gen.train.epochs,
+                name, "generalist", "generalists", cfg.seed + i, gen.resources,
+                1 if gen.weights else gen.train.epochs,  # weights: one evaluation, done
                 critical=True, trainer="streamed generalist" if self.stream is not None else ""),
                 functools.partial(self._generalist_args, name, cfg.seed + i))
         self.sched.step(JobSpec("generalists", "step", waits_for=names, critical=True),
@@ -272,7 +273,9 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
             for name, blob in (adopted or {}).items():
                 checkpoint.save_epoch(run.checkpoints(name), checkpoint.read_meta(blob)["epoch"],
                                       blob)
-                tracker.line(f"{name:<16} taken over from {cfg.generalists.from_run}")
+                source = checkpoint.read_meta(blob)["history"][-1].get("weights") or \
+                    cfg.generalists.from_run
+                tracker.line(f"{name:<16} taken over from {source}")
         with recorder.timed("data placement"):
             data_ref = ray.put(splits)
         sched = Scheduler(recorder, namespace, cfg.device, cfg.watchdog_s,

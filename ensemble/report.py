@@ -37,7 +37,7 @@ def temperature_grid(cfg: RunConfig, models: dict[str, dict]) -> dict | None:
         if not scfg.uses_teacher or summary.get("val_errors") is None:
             continue
         recipe = to_dict(scfg)
-        for key in ("temperature", "resources"):
+        for key in ("temperature", "resources", "paper"):
             recipe.pop(key)
         recipe["model"].pop("hidden")
         cells = groups.setdefault(repr(sorted(recipe.items())), {})

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ensemble import checkpoint
-from ensemble.config import RunConfig, parse, to_dict
+from ensemble.config import ModelConfig, RunConfig, parse, to_dict
 from ensemble.errors import CheckpointError, ConfigError
 
 
@@ -157,7 +157,11 @@ class RunDir:
             else:
                 raise CheckpointError(f"{self.checkpoints(name)} belongs to no model of this "
                                       "run's config")
-            if saved[1].get("model") != to_dict(expected):
+            try:  # compared as configs: keys added since it was saved take their defaults
+                same = parse(ModelConfig, saved[1].get("model"), "model") == expected
+            except ConfigError:
+                same = False
+            if not same:
                 raise CheckpointError(f"the checkpoint in {self.checkpoints(name)} was saved for "
                                       f"another architecture than {name}'s")
 

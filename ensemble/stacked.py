@@ -36,7 +36,8 @@ def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
     MLP without dropout, the same training recipe without augmentation, the same transfer set."""
     first = cfgs[0]
     for cfg in cfgs:
-        if cfg.model.kind != "mlp" or cfg.model.dropout_in or cfg.model.dropout_hidden:
+        if cfg.model.kind != "mlp" or cfg.model.factory or cfg.model.dropout_in or \
+                cfg.model.dropout_hidden:
             return "stacked students must be MLPs without dropout"
         if cfg.train.jitter or cfg.train.elastic:
             return "stacked students must train without jitter or elastic distortion"

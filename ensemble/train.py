@@ -251,6 +251,15 @@ class Trainer:
         self.history.append(record)
         return record
 
+    def adopt(self, state: dict[str, torch.Tensor], source: str) -> dict:
+        """Take weights trained elsewhere as this model's one and finished epoch: evaluated on
+        validation and test, nothing trained (the record's loss is NaN); RuntimeError if they do
+        not fit the model."""
+        self.model.load_state_dict(state)
+        record = self.end_epoch(0.0, torch.zeros(()), 1, time.perf_counter())
+        record.update(loss=float("nan"), samples_per_s=0.0, train_seconds=0.0, weights=source)
+        return record
+
     def run_epoch(self, epoch: int, last: bytes | None = None,
                   keep: bool = True) -> tuple[dict | None, bytes | None]:
         """Train the 1-based `epoch` and return (its metrics, the checkpoint after it, or None

@@ -2,9 +2,9 @@
 
 - Labels: class c of the subset becomes its position in the subset; every other class becomes
   the dustbin (the last output).
-- Output layer: initialised from the generalist's rows for the subset; the dustbin row from the
-  rest (their mean, and log(|rest|) added to the bias, which is the log-sum-exp of the rest's
-  logits when they are equal).
+- Head (the output layer): initialised from the generalist's rows for the subset; the dustbin
+  row from the rest (their mean, and log(|rest|) added to the bias, which is the log-sum-exp
+  of the rest's logits when they are equal).
 - Batches: a fraction f from the subset, the rest drawn uniformly from all other examples, i.e.
   in their natural proportions.
 - Correction: training on share f of subset examples when the data hold share pi shifts the
@@ -26,36 +26,34 @@ def local_labels(labels: torch.Tensor, members: torch.Tensor, classes: int) -> t
     return lut[labels]
 
 
-@torch.no_grad()
-def specialist_output(output: nn.Linear, members: torch.Tensor) -> nn.Linear:
-    """A new output layer over the subset plus a dustbin, initialised from the generalist's."""
-    classes = output.out_features
-    rest = torch.ones(classes, dtype=torch.bool)
-    rest[members] = False
-    layer = nn.Linear(output.in_features, len(members) + 1).to(output.weight.device)
-    layer.weight[:-1] = output.weight[members]
-    layer.bias[:-1] = output.bias[members]
-    layer.weight[-1] = output.weight[rest].mean(0)
-    layer.bias[-1] = output.bias[rest].mean() + math.log(int(rest.sum()))
-    return layer
+class DustbinHead(nn.Linear):
+    """A specialist's head: its subset's classes and a dustbin (the last output). In eval mode the
+    dustbin logit gets the sampling correction (training sees the biased batches)."""
 
-
-class SpecialistNet(nn.Module):
-    """The generalist's features, the specialist's output layer, and the dustbin correction,
-    which is added to the dustbin logit in eval mode only (training sees the biased batches)."""
-
-    def __init__(self, features: nn.Module, output: nn.Linear):
-        super().__init__()
-        self.features, self.output = features, output
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
         self.register_buffer("dustbin_offset", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.output(self.features(x))
+        logits = super().forward(x)
         if self.training:
             return logits
-        shift = torch.zeros(logits.shape[1], device=logits.device, dtype=logits.dtype)
+        shift = torch.zeros(logits.shape[-1], device=logits.device, dtype=logits.dtype)
         shift[-1] = self.dustbin_offset
         return logits + shift
+
+
+@torch.no_grad()
+def init_from_generalist(head: DustbinHead, output: nn.Linear, members: torch.Tensor) -> None:
+    """Set a specialist's head from its generalist's: the subset's rows as they were, the
+    dustbin's from the rest."""
+    classes = output.out_features
+    rest = torch.ones(classes, dtype=torch.bool)
+    rest[members] = False
+    head.weight[:-1] = output.weight[members]
+    head.bias[:-1] = output.bias[members]
+    head.weight[-1] = output.weight[rest].mean(0)
+    head.bias[-1] = output.bias[rest].mean() + math.log(int(rest.sum()))
 
 
 def draw_batch(inside: torch.Tensor, outside: torch.Tensor, batch: int, fraction: float,

@@ -10,10 +10,9 @@ from ensemble import checkpoint
 from ensemble.config import ModelConfig, SpecialistsConfig, parse
 from ensemble.data import Splits
 from ensemble.errors import TrainingError
-from ensemble.models import load_model
+from ensemble.models import head_of, load_model, specialist_model
 from ensemble.train import Trainer
-from specialists.specialist import (SpecialistNet, draw_batch, dustbin_offset, local_labels,
-                                    specialist_output)
+from specialists.specialist import draw_batch, dustbin_offset, init_from_generalist, local_labels
 
 
 class SpecialistTrainer(Trainer):
@@ -43,8 +42,11 @@ class SpecialistTrainer(Trainer):
 
     def make_model(self, data: Splits) -> nn.Module:
         base, _ = load_model(self.generalist_blob, torch.device("cpu"))
-        members = torch.tensor(self.member_list)
-        return SpecialistNet(base.features, specialist_output(base.output, members)).train()
+        _, output = head_of(base, self.model_cfg.head)
+        model = specialist_model(base, self.model_cfg, len(self.member_list))
+        self.head = head_of(model, self.model_cfg.head)[1]
+        init_from_generalist(self.head, output, torch.tensor(self.member_list))
+        return model.train()
 
     def epoch_batches(self):
         steps = -(-len(self.y) // self.cfg.batch_size)
@@ -58,9 +60,9 @@ class SpecialistTrainer(Trainer):
         self._set_offset()  # before the epoch's evaluation, which sees the corrected logits
 
     def _set_offset(self) -> None:
-        self.model.dustbin_offset.fill_(dustbin_offset(self.measured, self.natural))
+        self.head.dustbin_offset.fill_(dustbin_offset(self.measured, self.natural))
 
     def extra_meta(self) -> dict:
         return {"members": self.member_list, "generalist_classes": self.full_classes,
                 "fraction_measured": self.measured, "natural_share": self.natural,
-                "dustbin_offset": float(self.model.dustbin_offset)}
+                "dustbin_offset": float(self.head.dustbin_offset)}

@@ -104,7 +104,8 @@ _GROUPS = {
     "resume equal to an uninterrupted run": (
         "tests/test_train.py::test_resume_is_bit_identical",
         "tests/test_specialize.py::test_specialist_trains_measures_and_resumes",
-        "tests/test_faults.py::test_killed_actor_resumes_to_identical_weights"),
+        "tests/test_faults.py::test_killed_actor_resumes_to_identical_weights",
+        "tests/test_models.py::test_factory_model_resumes_bit_exactly"),
 }
 
 

@@ -17,9 +17,8 @@ import torch
 from ensemble import checkpoint
 from ensemble.config import RunConfig, parse, to_dict
 from ensemble.data import write_idx
-from ensemble.models import build_model
+from ensemble.models import build_model, specialist_model
 from ensemble.rundir import RunDir
-from specialists.specialist import SpecialistNet
 
 SIZE, CLASSES = 8, 10
 BLOCK = SIZE * SIZE // CLASSES
@@ -115,8 +114,8 @@ def build(path, tagged: bool = True) -> RunDir:
         name = f"generalist-{i}"
         net = build_model(cfg.generalists.model, shape, CLASSES)
         metrics[name] = save(run, name, "generalist", gen_model, weights(name, net, 3 + i), i)
-    net = build_model(cfg.generalists.model, shape, CLASSES)
-    net = SpecialistNet(net.features, torch.nn.Linear(16, 4))
+    net = specialist_model(build_model(cfg.generalists.model, shape, CLASSES),
+                           cfg.generalists.model, 3)
     metrics["specialist-0"] = save(run, "specialist-0", "specialist", gen_model,
                                    weights("specialist-0", net, 3), 2,
                                    {"members": [3, 5, 8], "generalist_classes": CLASSES})

@@ -4,6 +4,7 @@ import gzip
 import hashlib
 
 import pytest
+import torch
 
 from ensemble import checkpoint
 from ensemble.cli import main
@@ -119,6 +120,19 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
                                       saved_run(None)),
     "report of a damaged metrics.json": (["report", "{saved}"], 2, "metrics.json is damaged",
                                          saved_run("metrics")),
+    "model factory that does not import": (["run", "{config}", "--set",
+                                            "generalists.model.factory=nowhere.nets:big"], 2,
+                                           "generalists.model.factory: cannot import", None),
+    "model for colour images given grey ones": (
+        ["run", "{config}", "--set", "generalists.model={{factory: 'torchvision.models:resnet18',"
+         " kwargs: {{num_classes: 10}}}}"], 2, "fails on one 1x8x8 image", None),
+    "student whose head has the wrong width": (
+        ["run", "{config}", "--set", "students.s.model={{factory: 'torchvision.models:resnet18',"
+         " kwargs: {{num_classes: 7}}}}"], 2,
+        "students.s.model: the model's head has 7 outputs but the data have 10 classes", None),
+    "CNN too deep for the images": (["run", "{config}", "--set",
+                                     "generalists.model={{kind: cnn, hidden: [4, 4, 4, 4, 4]}}"],
+                                    2, "fails on one 1x8x8 image", None),
     "table of no run": (["table", "{tmp}/nowhere"], 2, "not a run directory", None),
     "table of a damaged checkpoint": (["table", "{saved}"], 4, "damaged", saved_run("corrupt")),
     "export of no run": (["export", "{tmp}/nowhere"], 2, "not a run directory", None),
@@ -200,3 +214,30 @@ def test_bad_yaml(tmp_path, capsys):
     bad.write_text("students: {s: [\n")
     assert main(["run", str(bad), "--run-dir", str(tmp_path / "r")]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+WEIGHTS = {  # generalists.weights given: what the file holds, and the words of the refusal
+    "no file": (None, "generalists.weights[0]: there is no file"),
+    "not weights": (b"epoch,loss\n1,0.5\n", "is neither safetensors nor a torch file"),
+    "not a state dict": ([1, 2, 3], "holds no state dict"),
+    "another model's": ({"w": torch.zeros(3)}, "does not fit generalists.model"),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHTS))
+def test_bad_weights_of_a_teacher_trained_elsewhere(case, tmp_path, capsys):
+    content, message = WEIGHTS[case]
+    path = tmp_path / "teacher.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    write_mnist_like(tmp_path / "data", n_train=300, n_test=50)
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), "--set", f"generalists.weights=[{path}]", "--data-dir",
+                 str(tmp_path / "data"), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("ensemble: error:") and err.count("\n") == 1, err
+    assert not run_dir.exists()

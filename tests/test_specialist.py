@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from specialists.specialist import (SpecialistNet, draw_batch, dustbin_offset, local_labels,
-                                    specialist_output)
+from specialists.specialist import (DustbinHead, draw_batch, dustbin_offset, init_from_generalist,
+                                    local_labels)
 
 
 def test_local_labels():
@@ -20,7 +20,8 @@ def test_output_layer_starts_from_the_generalist():
         gen.weight[[0, 2, 3]] = gen.weight[0].clone()  # the rest's rows equal: their log-sum-exp is exact
         gen.bias[[0, 2, 3]] = gen.bias[0].clone()
     members = torch.tensor([1, 4])
-    spec = specialist_output(gen, members)
+    spec = DustbinHead(6, 3)
+    init_from_generalist(spec, gen, members)
     h = torch.randn(8, 6)
     z, s = gen(h), spec(h)
     torch.testing.assert_close(s[:, :2], z[:, members])
@@ -51,7 +52,7 @@ def test_corrected_dustbin_probability_matches_natural_share():
     n, pi = 20_000, 0.2
     y = (torch.rand(n, generator=g) >= pi).long()  # 0: the subset's one class; 1: everything else
     x = torch.randn(n, 2, generator=g) + torch.tensor([[1.0, 0.0]]) * (1 - 2 * y[:, None])
-    net = SpecialistNet(nn.Identity(), nn.Linear(2, 2))
+    net = DustbinHead(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     inside, outside = (y == 0).nonzero().flatten(), (y == 1).nonzero().flatten()
     seen_in = seen = 0

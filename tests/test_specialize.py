@@ -63,7 +63,7 @@ def test_specialist_trains_measures_and_resumes(setup):
     natural = float(is_member.float().mean())
     assert straight.measured == pytest.approx(share) and straight.natural == pytest.approx(natural)
     assert abs(share - SPEC.fraction) < 0.02 and abs(natural - SPEC.fraction) > 0.1
-    assert float(straight.model.dustbin_offset) == pytest.approx(
+    assert float(straight.head.dustbin_offset) == pytest.approx(
         math.log(share * (1 - natural) / (natural * (1 - share))))
     saved = straight.checkpoint()
     straight.train_epoch()
