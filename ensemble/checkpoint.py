@@ -77,7 +77,7 @@ class TrainingState:
     """Everything a trainer needs to go on exactly where it stopped, as one blob holds it."""
     model: dict[str, torch.Tensor]  # the weights now (a state_dict)
     best: dict[str, torch.Tensor]  # the weights of the best epoch by validation
-    momentum: dict[int, torch.Tensor]  # the optimiser's buffer of parameter i
+    optim: dict[str, torch.Tensor]  # the optimiser's state: "<parameter index>.<name>"
     rng: dict[str, torch.Tensor]  # RNG states by name: cpu, cuda, batches.<device type>
     meta: dict  # config, epoch, history, summary: JSON
 
@@ -86,7 +86,7 @@ def dumps_state(state: TrainingState) -> bytes:
     """One blob of a trainer's state (`loads_state` reads it back)."""
     tensors = {f"model.{k}": v for k, v in state.model.items()}
     tensors.update({f"best.{k}": v for k, v in state.best.items()})
-    tensors.update({f"optim.{i}.momentum_buffer": v for i, v in state.momentum.items()})
+    tensors.update({f"optim.{k}": v for k, v in state.optim.items()})
     tensors.update({f"rng.{k}": v for k, v in state.rng.items()})
     return dumps(tensors, state.meta)
 
@@ -102,8 +102,7 @@ def loads_state(blob: bytes) -> TrainingState:
     rng = part("rng.")
     if "batches" in rng:
         rng["batches.cpu"] = rng.pop("batches")
-    momentum = {int(k.split(".")[0]): v for k, v in part("optim.").items()}
-    return TrainingState(part("model."), part("best."), momentum, rng, meta)
+    return TrainingState(part("model."), part("best."), part("optim."), rng, meta)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

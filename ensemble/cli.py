@@ -1,5 +1,6 @@
-"""`ensemble run | eval | report | export | table`: every mistake in the input ends in one sentence on stderr and a
-non-zero exit, before any work starts and without touching an existing run directory."""
+"""`ensemble run | eval | report | export | table`: every mistake in the input ends in one
+sentence on stderr and a non-zero exit, before any work starts and without touching an existing
+run directory."""
 from __future__ import annotations
 
 import argparse

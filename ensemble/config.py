@@ -81,8 +81,19 @@ class TrainConfig:
     lr: float = 0.1  # SGD with momentum, as in Hinton et al. 2012
     momentum: float = 0.9
     weight_decay: float = 0.0  # dropout and max-norm regularise the paper's nets instead
-    schedule: Literal["constant", "cosine", "exponential"] = "cosine"  # per-epoch learning-rate rule
-    lr_decay: float = 0.95  # per-epoch factor of the exponential schedule (2012 used 0.998 over 3000)
+    schedule: Literal["constant", "cosine", "exponential", "step"] = "cosine"  # per-epoch rule
+    lr_decay: float = 0.95  # per-epoch factor of the exponential schedule (2012 used 0.998 over
+    #   3000); the step schedule's factor at each milestone (CRD: 0.1)
+    milestones: tuple[int, ...] = ()  # step schedule: 0-based epochs from which the rate is
+    #   lr_decay times lower (CRD's CIFAR-100 recipe: 150, 180, 210 of 240)
+    warmup_epochs: int = 0  # the rate rises linearly to lr over these first epochs
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: decoupled weight decay, betas 0.9/0.999
+    nesterov: bool = False  # SGD with Nesterov momentum
+    decay: Literal["all", "weights"] = "all"  # what weight_decay applies to: every parameter (as
+    #   RepDistiller), or weights only: not biases and norms' scales (parameters of one dimension)
+    label_smoothing: float = 0.0  # on the hard-label cross-entropy (Szegedy et al. 2016: 0.1)
+    channels_last: bool = False  # convolutions in channels-last memory layout (faster on GPUs)
+    tf32: bool = False  # on CUDA: TF32 for float32 matmuls and convolutions (Ampere and later)
     jitter: int = 0  # random translation of each image by up to this many pixels; §3 teacher: 2
     elastic: float = 0.0  # elastic distortion's strength alpha (Simard et al. 2003: 34), 0: off
     elastic_sigma: float = 4.0  # the smoothness of its displacement field, in pixels (Simard: 4)
@@ -100,6 +111,18 @@ class TrainConfig:
         _require(0.0 <= self.momentum < 1.0, "momentum", "must be in [0, 1)", self.momentum)
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _require(0.0 < self.lr_decay <= 1.0, "lr_decay", "must be in (0, 1]", self.lr_decay)
+        _require((self.schedule == "step") == bool(self.milestones), "milestones",
+                 "are needed by the step schedule and only by it", list(self.milestones))
+        _require(list(self.milestones) == sorted(set(self.milestones)) and
+                 all(0 < m < self.epochs for m in self.milestones), "milestones",
+                 f"must be increasing epochs between 1 and {self.epochs - 1}",
+                 list(self.milestones))
+        _require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+                 f"must be between 0 and {self.epochs - 1} (epochs - 1)", self.warmup_epochs)
+        _require(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+                 "nesterov", "needs optimizer sgd with momentum > 0", self.nesterov)
+        _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)",
+                 self.label_smoothing)
         _require(0 <= self.jitter <= 8, "jitter", "must be between 0 and 8 pixels", self.jitter)
         _require(0 <= self.elastic <= 100, "elastic", "must be between 0 (off) and 100",
                  self.elastic)

@@ -36,22 +36,25 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
                       labels: torch.Tensor, temperature: float | torch.Tensor,
-                      alpha: float | torch.Tensor) -> torch.Tensor:
-    """alpha * soft_target_loss + (1 - alpha) * CE(labels, softmax(student_logits)).
+                      alpha: float | torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """alpha * soft_target_loss + (1 - alpha) * CE(labels, softmax(student_logits)), the labels
+    smoothed by `smoothing`.
 
     student_logits: (B, C); teacher_probs: (B, C) at temperature T; labels: (B,) int64. Returns ().
     Stacked students: (N, B, C), (N, B, C), (N, B), `temperature` and `alpha` tensors (N,); the
     loss of each (N,).
     """
     if torch.is_tensor(alpha):  # stacked: every term for every member (alpha 0 weighs it out)
-        hard = F.cross_entropy(student_logits.transpose(1, 2), labels, reduction="none").mean(1)
+        hard = F.cross_entropy(student_logits.transpose(1, 2), labels, reduction="none",
+                               label_smoothing=smoothing).mean(1)
         soft = soft_target_loss(student_logits, teacher_probs, temperature)
         return alpha * soft + (1 - alpha) * hard
     loss = torch.zeros((), device=student_logits.device)
     if alpha > 0:
         loss = loss + alpha * soft_target_loss(student_logits, teacher_probs, temperature)
     if alpha < 1:
-        loss = loss + (1 - alpha) * F.cross_entropy(student_logits, labels)
+        loss = loss + (1 - alpha) * F.cross_entropy(student_logits, labels,
+                                                    label_smoothing=smoothing)
     return loss
 
 
@@ -99,7 +102,8 @@ class Student(Trainer):
         xb = augment(self.x[idx], self.cfg, self.batches)
         logits = self.forward(xb)
         if self.teacher is None and self.targets is None:  # hard labels only
-            return F.cross_entropy(logits, self.y[idx])
+            return F.cross_entropy(logits, self.y[idx], label_smoothing=self.cfg.label_smoothing)
         probs = self.targets[idx] if self.targets is not None else \
             self.teacher.probs(xb, self.temperature)
-        return distillation_loss(logits, probs, self.y[idx], self.temperature, self.alpha)
+        return distillation_loss(logits, probs, self.y[idx], self.temperature, self.alpha,
+                                 self.cfg.label_smoothing)

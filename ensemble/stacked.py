@@ -28,7 +28,7 @@ from ensemble.config import StudentConfig, to_dict
 from ensemble.distill import Student, distillation_loss
 from ensemble.data import Splits
 from ensemble.errors import ConfigError
-from ensemble.train import EVAL_BATCH, sgd
+from ensemble.train import EVAL_BATCH, optimizer
 
 
 def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
@@ -41,6 +41,8 @@ def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
             return "stacked students must be MLPs without dropout"
         if cfg.train.jitter or cfg.train.elastic:
             return "stacked students must train without jitter or elastic distortion"
+        if (cfg.train.optimizer, cfg.train.decay, cfg.train.label_smoothing) != ("sgd", "all", 0):
+            return "stacked students must use SGD, decay on all parameters, no label smoothing"
         if to_dict(cfg.model) != to_dict(first.model):
             return "stacked students must share one model shape"
         if to_dict(cfg.train) != to_dict(first.train):
@@ -109,7 +111,7 @@ class StackedStudents:
         biases = [torch.stack([ls[i].bias.detach() for ls in layers]).requires_grad_()
                   for i in range(len(layers[0]))]  # (N, out)
         params = [p for pair in zip(weights, biases) for p in pair]
-        opt = sgd(params, self.cfg, lr)
+        opt = optimizer(params, self.cfg, lr)
         own = [[p for layer in ls for p in (layer.weight, layer.bias)] for ls in layers]
         if all(m.opt.state.get(own[k][0]) for k, m in enumerate(members)):
             for j, p in enumerate(params):  # the momentum each member had

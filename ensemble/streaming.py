@@ -78,7 +78,8 @@ class StreamTrainer(Trainer):
 
     def batch_loss(self, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self.forward(augment(x, self.cfg, self.batches)), y)
+        return F.cross_entropy(self.forward(augment(x, self.cfg, self.batches)), y,
+                               label_smoothing=self.cfg.label_smoothing)
 
     @staticmethod
     def batch_size_of(batch) -> int:

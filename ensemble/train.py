@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble import checkpoint
-from ensemble.config import ModelConfig, TrainConfig, to_dict
+from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
 from ensemble.data import Splits, augment, labels_to_device, to_device
-from ensemble.errors import CheckpointError, TrainingError
+from ensemble.errors import CheckpointError, ConfigError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters
 
 EVAL_BATCH = 2000  # rows per forward pass when evaluating: large enough to be fast, small in memory
@@ -54,11 +54,16 @@ def pick_device(name: str | torch.device = "auto",
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """Learning rate of the 0-based `epoch` under the configured per-epoch schedule."""
+    """Learning rate of the 0-based `epoch`: a linear warm-up over the first warmup_epochs,
+    then the configured per-epoch schedule."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1) / (cfg.warmup_epochs + 1)
     if cfg.schedule == "cosine":
         return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / cfg.epochs))
     if cfg.schedule == "exponential":
         return cfg.lr * cfg.lr_decay ** epoch
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
     return cfg.lr
 
 
@@ -86,13 +91,22 @@ def confusion_matrix(y: torch.Tensor, predicted: torch.Tensor, classes: int) -> 
     return counts.view(classes, classes).tolist()
 
 
-def sgd(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.SGD:
-    """SGD with momentum as `cfg` asks, fused: one pass over each parameter, its gradient and
-    momentum per step instead of several: torch's update, rounded differently in the last bits
-    (which training amplifies, as it does any rounding: runs differ from unfused ones).
-    Stacked students feel it most: outside their matmuls a step is bound by memory."""
-    return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, fused=True)
+def optimizer(params, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """SGD with momentum (or AdamW) as `cfg` asks, fused: one pass over each parameter, its
+    gradient and state per step instead of several: torch's update, rounded differently in the
+    last bits (which training amplifies, as it does any rounding: runs differ from unfused
+    ones). Stacked students feel it most: outside their matmuls a step is bound by memory. With
+    decay 'weights', parameters of one dimension (biases, norms' scales) are not decayed."""
+    params = list(params)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay}]
+    if cfg.decay == "weights" and cfg.weight_decay > 0:
+        groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    lr = cfg.lr if lr is None else lr
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           fused=True)
 
 
 class Trainer:
@@ -112,6 +126,10 @@ class Trainer:
         self.classes, self.image_shape = data.num_classes, data.image_shape
         torch.manual_seed(seed)
         self.model = self.make_model(data).to(self.device)
+        if train_cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if train_cfg.tf32 and self.device.type == "cuda":  # this actor's process only
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.compiled = None
         if train_cfg.compile:  # compiled on the first batch
             import torch._inductor.config as inductor
@@ -125,7 +143,7 @@ class Trainer:
                      labels_to_device(data.test_y, self.device))
         if len(self.x) == 0 and not self.streams:
             raise TrainingError(f"{name} has no training examples")
-        self.opt = sgd(self.model.parameters(), train_cfg)
+        self.opt = optimizer(self.model.parameters(), train_cfg)
         # batch order and augmentation draw from their own generator; dropout from the global one,
         # whose state this trainer keeps and restores around each epoch
         self.batches = torch.Generator(self.device).manual_seed(seed + 1)
@@ -160,6 +178,8 @@ class Trainer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The model on a training batch: compiled (train.compile) or eager. A compile that
         fails (no C++ compiler, an unsupported operation) leaves this trainer eager."""
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None:
             try:
                 return self.compiled(x)
@@ -182,7 +202,8 @@ class Trainer:
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean loss of the training examples at `idx` (B,) -> ()."""
         xb = augment(self.x[idx], self.cfg, self.batches)
-        return F.cross_entropy(self.forward(xb), self.y[idx])
+        return F.cross_entropy(self.forward(xb), self.y[idx],
+                               label_smoothing=self.cfg.label_smoothing)
 
     def train_epoch(self) -> dict:
         """Train one epoch, evaluate, track the best model; return the epoch's metrics."""
@@ -313,9 +334,8 @@ class Trainer:
     # ------------------------------------------------------------ checkpoints --------------------
     def checkpoint(self) -> bytes:
         """Weights, best weights, optimiser state and RNG states as one safetensors blob."""
-        params = list(self.model.parameters())
-        momentum = {i: self.opt.state[p]["momentum_buffer"] for i, p in enumerate(params)
-                    if self.opt.state.get(p, {}).get("momentum_buffer") is not None}
+        optim = {f"{i}.{k}": v for i, state in self.opt.state_dict()["state"].items()
+                 for k, v in state.items() if torch.is_tensor(v)}
         rng = {**self.rng_elsewhere, "cpu": self.rng_cpu,
                f"batches.{self.device.type}": self.batches.get_state()}
         if self.rng_cuda is not None:
@@ -327,13 +347,17 @@ class Trainer:
                 "best_val_errors": self.best_val_errors, "history": self.history,
                 "summary": self.summary(), **self.extra_meta()}
         return checkpoint.dumps_state(checkpoint.TrainingState(
-            self.model.state_dict(), self.best_state, momentum, rng, meta))
+            self.model.state_dict(), self.best_state, optim, rng, meta))
 
     def load(self, blob: bytes) -> None:
         """Restore everything `checkpoint()` saved; refuse a checkpoint of another model."""
         state = checkpoint.loads_state(blob)
         meta = state.meta
-        if meta.get("model") != to_dict(self.model_cfg) or meta.get("classes") != self.classes:
+        try:  # compared as configs: keys added since it was saved take their defaults
+            same = parse(ModelConfig, meta.get("model"), "model") == self.model_cfg
+        except ConfigError:
+            same = False
+        if not same or meta.get("classes") != self.classes:
             raise CheckpointError(f"checkpoint of '{meta.get('name')}' was saved for another "
                                   f"architecture than {self.name}'s")
         try:
@@ -342,10 +366,12 @@ class Trainer:
         except RuntimeError:
             raise CheckpointError(f"checkpoint of '{meta.get('name')}' does not fit "
                                   f"{self.name}'s layers") from None
-        self.opt.state.clear()
-        for i, p in enumerate(self.model.parameters()):
-            if i in state.momentum:
-                self.opt.state[p]["momentum_buffer"] = state.momentum[i].to(self.device)
+        saved: dict[int, dict] = {}
+        for key, value in state.optim.items():
+            i, name = key.split(".", 1)
+            saved.setdefault(int(i), {})[name] = value
+        self.opt.load_state_dict({"state": saved,
+                                  "param_groups": self.opt.state_dict()["param_groups"]})
         self._load_rng(state.rng)
         self.epoch, self.history = meta["epoch"], meta["history"]
         self.best_epoch, self.best_val_errors = meta["best_epoch"], meta["best_val_errors"]

@@ -23,7 +23,8 @@ from ensemble.rundir import RunDir
 SIZE, CLASSES = 8, 10
 BLOCK = SIZE * SIZE // CLASSES
 
-STUDENT = {"model": {"hidden": [16], "dropout_in": 0.0, "dropout_hidden": 0.0}, "train": {"epochs": 2, "batch_size": 50, "lr": 0.1}}
+STUDENT = {"model": {"hidden": [16], "dropout_in": 0.0, "dropout_hidden": 0.0},
+           "train": {"epochs": 2, "batch_size": 50, "lr": 0.1}}
 STUDENTS = {  # name -> (config, the §3 row its `paper` key names, noise of its output weights)
     "hard": ({**STUDENT, "alpha": 0.0}, "hard", 6),
     "distilled": (STUDENT, "distilled", 4),

@@ -60,6 +60,24 @@ def test_factory_model_resumes_bit_exactly_with_its_batch_norm_buffers(cifar):
     assert not torch.equal(weights(first)["fc.weight"], mine["fc.weight"])  # it did move
 
 
+def test_channels_last_changes_the_layout_not_the_model(cifar):
+    """With train.channels_last the same weights give the same logits (float rounding aside)
+    from inputs and weights laid out channels-last, and the model trains."""
+    model = ModelConfig(kind="resnet20")
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.02)
+    plain = Trainer("g", model, cfg, cifar, seed=0)
+    last = Trainer("g", model, TrainConfig(epochs=1, batch_size=16, lr=0.02, channels_last=True),
+                   cifar, seed=0)
+    assert last.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = plain.x[:16]
+    for mode in (True, False):
+        plain.model.train(mode)
+        last.model.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(last.forward(x), plain.forward(x), rtol=1e-4, atol=1e-4)
+    assert np.isfinite(last.train_epoch()["loss"])
+
+
 def test_factory_model_as_generalist_specialist_and_student(cifar):
     generalist = Trainer("g", RESNET18, TRAIN, cifar, seed=0)
     generalist.train_epoch()

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from ensemble.data import load_splits
 from ensemble.distill import Student
 from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import load_model
-from ensemble.train import Trainer, learning_rate, pick_device
+from ensemble.train import Trainer, learning_rate, optimizer, pick_device
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
 TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
@@ -149,6 +151,44 @@ def test_schedules():
     assert learning_rate(cfg, 0) == 0.2 and learning_rate(cfg, 2) == pytest.approx(0.1)
     exp = TrainConfig(lr=1.0, schedule="exponential", lr_decay=0.5)
     assert learning_rate(exp, 3) == 0.125
+    crd = TrainConfig(epochs=240, lr=0.05, schedule="step", lr_decay=0.1,
+                      milestones=(150, 180, 210))  # CRD's CIFAR-100 recipe
+    assert [learning_rate(crd, e) for e in (0, 149, 150, 179, 180, 210, 239)] == \
+        pytest.approx([0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005, 0.00005])
+    warm = TrainConfig(epochs=10, lr=0.4, schedule="constant", warmup_epochs=3)
+    assert [learning_rate(warm, e) for e in range(5)] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4])
+
+
+@pytest.mark.parametrize("recipe", [
+    dict(optimizer="adamw", lr=0.003, weight_decay=0.05, decay="weights"),
+    dict(nesterov=True, weight_decay=1e-3, label_smoothing=0.1, warmup_epochs=1),
+])
+def test_other_recipes_resume_bit_exactly(splits, recipe):
+    """AdamW's two moments and step count, Nesterov SGD's momentum: all in the checkpoint."""
+    cfg = dataclasses.replace(JITTER, **recipe)
+    straight = Trainer("g", MODEL, cfg, splits, seed=3)
+    first = Trainer("g", MODEL, cfg, splits, seed=3)
+    for _ in range(2):
+        straight.train_epoch()
+    first.train_epoch()
+    resumed = Trainer("g", MODEL, cfg, splits, seed=3)
+    resumed.load(first.checkpoint())
+    resumed.train_epoch()
+    for key, value in weights(straight).items():
+        assert torch.equal(value, weights(resumed)[key]), key
+    plain = Trainer("g", MODEL, dataclasses.replace(JITTER, epochs=3), splits, seed=3)
+    for _ in range(2):
+        plain.train_epoch()
+    assert not torch.equal(weights(plain)["output.weight"], weights(straight)["output.weight"])
+
+
+def test_decay_on_weights_spares_biases():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = optimizer(net.parameters(), TrainConfig(weight_decay=0.1, decay="weights"))
+    decayed, spared = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [(3, 4)]
+    assert spared["weight_decay"] == 0.0 and len(spared["params"]) == 3  # bias, BN scale, shift
+    assert len(optimizer(net.parameters(), TrainConfig(weight_decay=0.1)).param_groups) == 1
 
 
 def test_student_distils_and_filters_transfer_set(splits):
