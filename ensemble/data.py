@@ -264,6 +264,19 @@ def to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     return pixels.to(device).float().div_(255.0)
 
 
+def to_pixels(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N,C,H,W) array -> the same uint8 tensor on `device`: a quarter of float32's
+    memory, made float a batch at a time by `as_float` (the values `to_device` would give)."""
+    with warnings.catch_warnings():  # Ray's zero-copy arrays are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Pixels (uint8) as float32 in [0, 1]; a float tensor as it is."""
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
 def labels_to_device(labels: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.int64, device=device)  # small: a copy is cheap
 

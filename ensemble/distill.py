@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.config import StudentConfig
-from ensemble.data import Splits, augment, transfer_mask
+from ensemble.data import Splits, as_float, augment, transfer_mask
 from ensemble.teacher import Teacher, load_teacher, soft_targets
 from ensemble.train import Trainer
 
@@ -99,7 +99,7 @@ class Student(Trainer):
         return {"targets_from": self.targets_from}
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        xb = augment(self.x[idx], self.cfg, self.batches)
+        xb = augment(as_float(self.x[idx]), self.cfg, self.batches)
         logits = self.forward(xb)
         if self.teacher is None and self.targets is None:  # hard labels only
             return F.cross_entropy(logits, self.y[idx], label_smoothing=self.cfg.label_smoothing)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ensemble.config import StudentConfig, to_dict
 from ensemble.distill import Student, distillation_loss
-from ensemble.data import Splits
+from ensemble.data import Splits, as_float
 from ensemble.errors import ConfigError
 from ensemble.train import EVAL_BATCH, optimizer
 
@@ -124,7 +124,7 @@ class StackedStudents:
         n = 0
         for step in range(len(orders[0])):
             idx = torch.stack([order[step] for order in orders])  # (N, B)
-            h = x[idx]  # (N, B, D)
+            h = as_float(x[idx])  # (N, B, D)
             with members[0].autocast():
                 for i, (w, b) in enumerate(zip(weights, biases)):
                     h = torch.baddbmm(b.unsqueeze(1), h, w)
@@ -167,7 +167,7 @@ class StackedStudents:
         first = weights[0].permute(1, 0, 2).reshape(inputs, members * width)  # (D, N * out)
         out = []
         for i in range(0, len(images), EVAL_BATCH):
-            x = images[i:i + EVAL_BATCH].flatten(1)  # (b, D)
+            x = as_float(images[i:i + EVAL_BATCH]).flatten(1)  # (b, D)
             h = (x @ first).view(len(x), members, width).transpose(0, 1) + biases[0].unsqueeze(1)
             for w, b in zip(weights[1:], biases[1:]):
                 h = torch.baddbmm(b.unsqueeze(1), F.relu(h), w)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import SpecialistsConfig
-from ensemble.data import Splits, to_device
+from ensemble.data import Splits, as_float, to_pixels
 from ensemble.errors import TrainingError
 from ensemble.models import load_model
 from ensemble.train import EVAL_BATCH, pick_device
@@ -39,8 +39,9 @@ class Teacher:
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Every model's logits (M, N, C) for inputs x (N, ...), computed in chunks."""
-        return torch.cat([torch.stack([m(x[i:i + EVAL_BATCH]) for m in self.models])
-                          for i in range(0, len(x), EVAL_BATCH)], 1)
+        return torch.cat([torch.stack([m(xb) for m in self.models])
+                          for xb in (as_float(x[i:i + EVAL_BATCH])
+                                     for i in range(0, len(x), EVAL_BATCH))], 1)
 
     def probs(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
         """Soft targets (N, C) for inputs x (N, ...)."""
@@ -85,7 +86,7 @@ def teacher_outputs(generalists: list[bytes], data: Splits, threads: int = 1,
     dev = pick_device(device)
     teacher = load_teacher(generalists, dev, specialists=specialists,
                            specialists_cfg=specialists_cfg)
-    x = to_device(data.train_x, dev)
+    x = to_pixels(data.train_x, dev)
     if isinstance(teacher, Ensemble):
         return teacher.predict(x)[1].cpu()
     return teacher.logits(x).cpu()

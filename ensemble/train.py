@@ -20,7 +20,7 @@ from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
-from ensemble.data import Splits, augment, labels_to_device, to_device
+from ensemble.data import Splits, as_float, augment, labels_to_device, to_pixels
 from ensemble.errors import CheckpointError, ConfigError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters
 
@@ -72,7 +72,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch: int = EVAL_BATCH) -
     """Logits (N, C) of `model` in eval mode on inputs x (N, ...), in chunks."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else \
+    out = torch.cat([model(as_float(x[i:i + batch])) for i in range(0, len(x), batch)]) \
+        if len(x) else \
         torch.empty(0)
     model.train(was_training)
     return out
@@ -136,10 +137,11 @@ class Trainer:
 
             inductor.fallback_random = True  # dropout draws as in eager: same seeds, same masks
             self.compiled = torch.compile(self.model)
-        self.x, self.y = to_device(data.train_x, self.device), labels_to_device(data.train_y,
+        # images stay uint8 on the device (a quarter of float32's memory), float per batch
+        self.x, self.y = to_pixels(data.train_x, self.device), labels_to_device(data.train_y,
                                                                                 self.device)
-        self.val = (to_device(data.val_x, self.device), labels_to_device(data.val_y, self.device))
-        self.test = (to_device(data.test_x, self.device),
+        self.val = (to_pixels(data.val_x, self.device), labels_to_device(data.val_y, self.device))
+        self.test = (to_pixels(data.test_x, self.device),
                      labels_to_device(data.test_y, self.device))
         if len(self.x) == 0 and not self.streams:
             raise TrainingError(f"{name} has no training examples")
@@ -201,7 +203,7 @@ class Trainer:
     # ------------------------------------------------------------ one epoch ----------------------
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean loss of the training examples at `idx` (B,) -> ()."""
-        xb = augment(self.x[idx], self.cfg, self.batches)
+        xb = augment(as_float(self.x[idx]), self.cfg, self.batches)
         return F.cross_entropy(self.forward(xb), self.y[idx],
                                label_smoothing=self.cfg.label_smoothing)
 

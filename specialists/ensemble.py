@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble.config import SpecialistsConfig
-from ensemble.data import Splits, labels_to_device, to_device
+from ensemble.data import Splits, as_float, labels_to_device, to_pixels
 from ensemble.train import EVAL_BATCH, confusion_matrix
 from specialists.combine import active_specialists, combine
 
@@ -33,7 +33,7 @@ class Ensemble:
         for k, members in enumerate(idx):
             S[k, members] = True
         for i in range(0, len(x), EVAL_BATCH):
-            xb = x[i:i + EVAL_BATCH]
+            xb = as_float(x[i:i + EVAL_BATCH])
             pg = self.generalist.probs(xb, 1.0)
             active = active_specialists(pg, S, self.cfg.top_n)
             if not idx:  # no specialists: the generalists alone
@@ -63,7 +63,7 @@ def evaluate(ens: Ensemble, data: Splits, device: torch.device) -> dict:
     out = {"device": str(device)}
     for part, images, labels in (("val", data.val_x, data.val_y), ("test", data.test_x,
                                                                      data.test_y)):
-        x, y = to_device(images, device), labels_to_device(labels, device)
+        x, y = to_pixels(images, device), labels_to_device(labels, device)
         pg, q, active = ens.predict(x)
         right_g, right_q = pg.argmax(1) == y, q.argmax(1) == y
         out[part] = {"generalist_errors": int((~right_g).sum()),

@@ -145,6 +145,32 @@ def write_cifar10_bin(root, n_per_batch: int = 20, seed: int = 0):
     return folder
 
 
+def write_cifar100_bin(root, n_train: int = 60, n_test: int = 20, seed: int = 0):
+    """ROOT/cifar-100-binary/ in the binary release's format: coarse label byte, fine label
+    byte, 3072 pixels; and its fine_label_names.txt."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-binary"
+    folder.mkdir(parents=True)
+    for name, n in (("train.bin", n_train), ("test.bin", n_test)):
+        fine = rng.integers(0, 100, (n, 1), dtype=np.uint8)
+        coarse = (fine // 5).astype(np.uint8)  # not the release's mapping: only its place
+        pixels = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        (folder / name).write_bytes(np.hstack([coarse, fine, pixels]).tobytes())
+    (folder / "fine_label_names.txt").write_text("".join(f"class{i}\n" for i in range(100)))
+    return folder
+
+
+def test_cifar100_binary_release_reads_fine_labels(tmp_path):
+    folder = write_cifar100_bin(tmp_path)
+    s = load_splits(DataConfig(name="cifar100", val_size=10, download=False), tmp_path)
+    assert s.image_shape == (3, 32, 32) and len(s.train_y) == 50 and len(s.test_y) == 20
+    assert s.num_classes == 100 and s.classes[42] == "class42"
+    rows = np.frombuffer((folder / "train.bin").read_bytes(), np.uint8).reshape(-1, 3074)
+    assert (rows[:, 0] != rows[:, 1]).any()  # coarse and fine differ: the check can fail
+    np.testing.assert_array_equal(s.train_y, rows[:50, 1])  # the fine labels
+    np.testing.assert_array_equal(s.train_x[0].reshape(-1), rows[0, 2:])
+
+
 def test_cifar10_binary_release(tmp_path):
     folder = write_cifar10_bin(tmp_path)
     s = load_splits(DataConfig(name="cifar10", val_size=10, download=False), tmp_path)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ensemble.config import DataConfig, ModelConfig, SpecialistsConfig, StudentConfig, TrainConfig
-from ensemble.data import labels_to_device, load_splits, to_device
+from ensemble.data import as_float, labels_to_device, load_splits, to_device
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.models import check_model, head_of, load_model
@@ -74,7 +74,8 @@ def test_channels_last_changes_the_layout_not_the_model(cifar):
         plain.model.train(mode)
         last.model.train(mode)
         with torch.no_grad():
-            torch.testing.assert_close(last.forward(x), plain.forward(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(last.forward(as_float(x)), plain.forward(as_float(x)),
+                                       rtol=1e-4, atol=1e-4)
     assert np.isfinite(last.train_epoch()["loss"])
 
 

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.config import DataConfig, ModelConfig, SpecialistsConfig, StudentConfig, TrainConfig
-from ensemble.data import load_splits, to_device
+from ensemble.data import as_float, labels_to_device, load_splits, to_device
 from ensemble.distill import Student
-from ensemble.data import labels_to_device
 from ensemble.models import load_model
 from ensemble.teacher import evaluate_ensemble, load_teacher, teacher_outputs
 from ensemble.train import Trainer
@@ -38,7 +37,7 @@ def test_specialist_starts_as_its_generalist(setup):
     members = [2, 5, 7]
     spec = SpecialistTrainer("specialist-0", members, blob, SPEC, splits, seed=1)
     gen, _ = load_model(blob, torch.device("cpu"))
-    x = spec.x[:16]
+    x = as_float(spec.x[:16])  # the trainer keeps uint8 pixels
     z, s = gen(x), spec.model.eval()(x)
     torch.testing.assert_close(s[:, :3], z[:, members])
     assert set(spec.y.tolist()) == {0, 1, 2, 3} and spec.classes == 4
@@ -73,7 +72,7 @@ def test_specialist_trains_measures_and_resumes(setup):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     model, meta = load_model(resumed.checkpoint(), CPU)
     assert meta["members"] == members and meta["kind"] == "specialist"
-    assert model(resumed.x[:2]).shape == (2, 4)
+    assert model(as_float(resumed.x[:2])).shape == (2, 4)
 
 
 def test_coordinator_ensemble_and_table4(setup):
@@ -104,7 +103,7 @@ def test_coordinator_ensemble_and_table4(setup):
     student = Student("student", cfg, splits, [blob], seed=3, specialists=specs,
                       specialists_cfg=SPEC)
     with torch.no_grad():
-        xs = student.x
+        xs = as_float(student.x)
         pg = F.softmax(gen(xs), 1)
         P, d, S = spread([F.softmax(load_model(b, CPU)[0](xs), 1) for b in specs],
                          [torch.tensor(m) for m in subsets], splits.num_classes)
