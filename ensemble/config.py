@@ -38,10 +38,21 @@ class DataConfig:
     #   to the generalists through Ray Data instead of held in memory (the `data` extra): columns
     #   `image` (C*H*W uint8 bytes of `name`'s image shape) and `label`. Validation and test still
     #   come from `name`. Generalists only: students and specialists need an in-memory transfer set
+    normalize: bool = False  # every model sees (pixel/255 - mean) / std per channel: the mean and
+    #   std given below, else the training split's; part of the model (its checkpoints, exports)
+    mean: tuple[float, ...] = ()  # per channel, of pixel/255 (CIFAR-100: 0.5071, 0.4865, 0.4409)
+    std: tuple[float, ...] = ()  # per channel (CIFAR-100: 0.2673, 0.2564, 0.2762)
 
     def __post_init__(self):
         _require(self.val_size >= 0, "val_size", "must be >= 0", self.val_size)
         _require(self.train_size >= 0, "train_size", "must be >= 0", self.train_size)
+        _require(len(self.mean) == len(self.std), "std", f"must have one value per mean "
+                 f"({len(self.mean)})", list(self.std))
+        _require(all(s > 0 for s in self.std), "std", "must be > 0", list(self.std))
+        _require(not self.mean or self.normalize, "normalize", "must be true for mean and std "
+                 "to be used", self.normalize)
+        _require(not (self.normalize and self.stream) or bool(self.mean), "mean",
+                 "must be given to normalise a streamed training set", list(self.mean))
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # on the hard-label cross-entropy (Szegedy et al. 2016: 0.1)
     channels_last: bool = False  # convolutions in channels-last memory layout (faster on GPUs)
     tf32: bool = False  # on CUDA: TF32 for float32 matmuls and convolutions (Ampere and later)
-    jitter: int = 0  # random translation of each image by up to this many pixels; §3 teacher: 2
+    jitter: int = 0  # random translation of each image by up to this many pixels, zeros filling
+    #   in: §3 teacher: 2; a random crop with this padding (CIFAR's RandomCrop(32, padding=4): 4)
+    flip: bool = False  # mirror each image left-right with probability 1/2 (before the jitter)
     elastic: float = 0.0  # elastic distortion's strength alpha (Simard et al. 2003: 34), 0: off
     elastic_sigma: float = 4.0  # the smoothness of its displacement field, in pixels (Simard: 4)
     shuffle: bool = True  # a fresh order each epoch; false: the data set's order, every epoch
@@ -296,6 +309,9 @@ class RunConfig:
                  self.watchdog_s)
         _require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1",
                  self.checkpoint_every)
+        _require(not (self.stack_students and self.data.normalize), "stack_students",
+                 "cannot be combined with data.normalize (a stack runs its members' layers on "
+                 "raw pixels)", self.stack_students)
         for key, res in self.model_resources():
             if self.device == "cuda" and res.num_gpus == 0:
                 raise ConfigError(f"device 'cuda' needs a GPU for every model, but "

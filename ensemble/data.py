@@ -56,6 +56,8 @@ class Splits:
     val_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    mean: tuple[float, ...] | None = None  # per channel: every model normalises its input
+    std: tuple[float, ...] | None = None   #   by these (data.normalize), else None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -237,8 +239,17 @@ def load_splits(cfg: DataConfig, data_dir: str | Path | None = None) -> Splits:
     keep = min(cut, cfg.train_size) if cfg.train_size else cut
     if cfg.stream:
         keep = 0  # the training examples stream from cfg.stream (ensemble.streaming)
-    return Splits(cfg.name, tuple(classes), train_x[:keep], train_y[:keep], train_x[cut:],
-                  train_y[cut:], test_x, test_y)
+    splits = Splits(cfg.name, tuple(classes), train_x[:keep], train_y[:keep], train_x[cut:],
+                    train_y[cut:], test_x, test_y)
+    if not cfg.normalize:
+        return splits
+    channels = splits.image_shape[0]
+    mean, std = (cfg.mean, cfg.std) if cfg.mean else channel_stats(splits.train_x)
+    if len(mean) not in (1, channels):
+        raise DataError(f"data.mean and data.std have {len(mean)} values; {cfg.name}'s images "
+                        f"have {channels} channel(s)")
+    return dataclasses.replace(splits, mean=tuple(mean) * (channels // len(mean)),
+                               std=tuple(std) * (channels // len(std)))
 
 
 def transfer_mask(labels: np.ndarray, drop: tuple[int, ...] = (), keep: tuple[int, ...] = (),
@@ -324,6 +335,29 @@ def distort(x: torch.Tensor, alpha: float, sigma: float, generator: torch.Genera
                          align_corners=False).to(x.dtype)
 
 
+def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image of x (B,C,H,W) mirrored left-right with probability 1/2."""
+    mirror = torch.rand(len(x), device=x.device, generator=generator) < 0.5
+    return torch.where(mirror[:, None, None, None], x.flip(3), x)
+
+
 def augment(x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A training batch as `cfg` (a TrainConfig) augments it: jitter, then elastic distortion."""
+    """A training batch as `cfg` (a TrainConfig) augments it: flip, jitter (a random crop with
+    padding), then elastic distortion; each draws from `generator` only when it is on."""
+    if cfg.flip:
+        x = flip(x, generator)
     return distort(translate(x, cfg.jitter, generator), cfg.elastic, cfg.elastic_sigma, generator)
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:
+    """(mean, std) per channel of pixel/255 over uint8 images (N,C,H,W), in float64 chunks."""
+    total = np.zeros(images.shape[1])
+    squares = np.zeros(images.shape[1])
+    for i in range(0, len(images), chunk):
+        part = images[i:i + chunk].astype(np.float64) / 255.0
+        total += part.sum(axis=(0, 2, 3))
+        squares += (part ** 2).sum(axis=(0, 2, 3))
+    count = len(images) * images.shape[2] * images.shape[3]
+    mean = total / count
+    return tuple(mean.tolist()), tuple(np.sqrt(np.maximum(squares / count - mean ** 2,
+                                                          1e-12)).tolist())

@@ -77,6 +77,8 @@ def export(run: RunDir, wanted: str) -> list[str]:
              "output_shape": ["batch", classes],
              "val_errors": (meta.get("summary") or {}).get("val_errors"),
              "test_errors": (meta.get("summary") or {}).get("test_errors")}
+    if meta.get("normalize"):
+        about["normalized_inside"] = meta["normalize"]  # per channel, applied by the model
     if specialist:
         about["classes"] = meta["members"] + ["dustbin"]
     (folder / f"{name}.json").write_text(json.dumps(about, indent=1) + "\n")

@@ -64,6 +64,25 @@ class SmallCNN(nn.Module):
         return self.output(self.features(x))
 
 
+class Normalized(nn.Module):
+    """A model that takes pixels / 255 and normalises them per channel itself, so that its
+    checkpoints and exports carry what it needs (data.normalize)."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def normalized(model: nn.Module, mean, std) -> nn.Module:
+    """`model` behind the normalisation (mean, std per channel), or as it is for None."""
+    return model if mean is None else Normalized(model, mean, std)
+
+
 def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], classes: int) -> nn.Module:
     """The model `cfg` names, for images of `image_shape` (C,H,W) and `classes` outputs (a
     factory's model has the outputs its kwargs give it: `check_model` compares them)."""
@@ -94,6 +113,8 @@ def factory(path: str):
 def head_of(model: nn.Module, name: str = "") -> tuple[str, nn.Linear]:
     """(name, module) of the model's classifier: the module `name`, else the last Linear."""
     modules = dict(model.named_modules())
+    if name and isinstance(model, Normalized):
+        name = f"net.{name}"  # the config names it inside the factory's model
     if not name:
         linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
         if not linears:
@@ -184,6 +205,8 @@ def load_model(blob: bytes, device: torch.device, which: str = "best") -> tuple[
         raise CheckpointError(f"checkpoint of '{meta.get('name')}' has no valid model "
                               "description") from None
     model = build_model(cfg, image_shape, classes)
+    if meta.get("normalize"):
+        model = normalized(model, meta["normalize"]["mean"], meta["normalize"]["std"])
     weights = state.best if which == "best" else state.model
     if checkpoint_kind(meta) == "specialist":
         model = specialist_model(model, cfg, len(meta["members"]))

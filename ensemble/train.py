@@ -22,7 +22,7 @@ from ensemble import checkpoint
 from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
 from ensemble.data import Splits, as_float, augment, labels_to_device, to_pixels
 from ensemble.errors import CheckpointError, ConfigError, TrainingError
-from ensemble.models import apply_max_norm, build_model, count_parameters
+from ensemble.models import apply_max_norm, build_model, count_parameters, normalized
 
 EVAL_BATCH = 2000  # rows per forward pass when evaluating: large enough to be fast, small in memory
 
@@ -125,6 +125,7 @@ class Trainer:
         self.name, self.model_cfg, self.cfg, self.seed = name, model_cfg, train_cfg, seed
         self.device = pick_device(device)
         self.classes, self.image_shape = data.num_classes, data.image_shape
+        self.normalize = {"mean": list(data.mean), "std": list(data.std)} if data.mean else None
         torch.manual_seed(seed)
         self.model = self.make_model(data).to(self.device)
         if train_cfg.channels_last:
@@ -163,7 +164,8 @@ class Trainer:
     # ------------------------------------------------------------ what subclasses change ---------
     def make_model(self, data: Splits) -> nn.Module:
         """The network to train (a specialist starts from its generalist instead)."""
-        return build_model(self.model_cfg, data.image_shape, data.num_classes)
+        return normalized(build_model(self.model_cfg, data.image_shape, data.num_classes),
+                          data.mean, data.std)
 
     def epoch_batches(self):
         """Index tensors of one epoch's batches: a fresh permutation, sliced."""
@@ -347,7 +349,8 @@ class Trainer:
                 "classes": self.classes, "image_shape": list(self.image_shape),
                 "best_epoch": self.best_epoch,
                 "best_val_errors": self.best_val_errors, "history": self.history,
-                "summary": self.summary(), **self.extra_meta()}
+                "summary": self.summary(), **self.extra_meta(),
+                **({"normalize": self.normalize} if self.normalize else {})}
         return checkpoint.dumps_state(checkpoint.TrainingState(
             self.model.state_dict(), self.best_state, optim, rng, meta))
 

@@ -182,3 +182,27 @@ def test_cifar10_binary_release(tmp_path):
     (folder / "test_batch.bin").write_bytes(b"\x01" * 100)
     with pytest.raises(DataError, match="truncated"):
         load_splits(DataConfig(name="cifar10", val_size=10, download=False), tmp_path)
+
+
+def test_flip_mirrors_about_half_and_follows_its_generator():
+    from ensemble.data import flip
+
+    x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3).repeat(500, 1, 1, 1)
+    out = flip(x, torch.Generator().manual_seed(0))
+    mirrored = (out == x.flip(3)).flatten(1).all(1)
+    assert ((out == x).flatten(1).all(1) | mirrored).all()  # each image as it was, or mirrored
+    assert 400 < int(mirrored.sum()) < 600
+    assert torch.equal(out, flip(x, torch.Generator().manual_seed(0)))
+
+
+def test_normalize_uses_given_or_training_statistics(tmp_path):
+    write_cifar10_bin(tmp_path)
+    given = load_splits(DataConfig(name="cifar10", val_size=10, download=False, normalize=True,
+                                   mean=(0.5,), std=(0.25,)), tmp_path)
+    assert given.mean == (0.5, 0.5, 0.5) and given.std == (0.25, 0.25, 0.25)
+    own = load_splits(DataConfig(name="cifar10", val_size=10, download=False, normalize=True),
+                      tmp_path)
+    assert own.mean == pytest.approx((own.train_x / 255).mean(axis=(0, 2, 3)).tolist())
+    with pytest.raises(DataError, match="have 2 values"):
+        load_splits(DataConfig(name="cifar10", val_size=10, download=False, normalize=True,
+                               mean=(0.5, 0.5), std=(0.2, 0.2)), tmp_path)

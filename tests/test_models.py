@@ -131,10 +131,10 @@ def test_a_model_for_other_images_is_refused():
 
 FACTORY_RUN = """
 name: factory
-data: {name: cifar10, val_size: 12, download: false}
+data: {name: cifar10, val_size: 12, download: false, normalize: true}
 generalists:
   model: {factory: "torchvision.models:resnet18", kwargs: {num_classes: 10}}
-  train: {epochs: 1, batch_size: 16, lr: 0.02}
+  train: {epochs: 1, batch_size: 16, lr: 0.02, flip: true, jitter: 4}
 specialists: {k: 2, train: {epochs: 1, batch_size: 16, lr: 0.02}}
 students:
   small:
@@ -147,8 +147,9 @@ students:
 @pytest.mark.ray
 def test_factory_models_run_on_ray_and_export_like_the_trained_model(ray_session, tmp_path,
                                                                       capsys):
-    """`ensemble run` with torchvision's resnet18 for every role, then `ensemble export` of the
-    student: ONNX in onnxruntime and the torch.export program give the model's logits."""
+    """`ensemble run` with torchvision's resnet18 for every role on normalised data, then
+    `ensemble export` of the student: ONNX in onnxruntime and the torch.export program give
+    the model's logits from pixels / 255 (the normalisation is inside the model)."""
     ort = pytest.importorskip("onnxruntime")
     from ensemble.cli import main
     from ensemble.rundir import RunDir
@@ -164,7 +165,12 @@ def test_factory_models_run_on_ray_and_export_like_the_trained_model(ray_session
     specialists = [m for m in models if m.startswith("specialist-")]
     assert specialists
     spec, meta = load_model(RunDir(run).latest(specialists[0])[0], torch.device("cpu"))
-    assert isinstance(spec.fc, DustbinHead) and spec.fc.out_features == len(meta["members"]) + 1
+    assert isinstance(spec.net.fc, DustbinHead)
+    assert spec.net.fc.out_features == len(meta["members"]) + 1
+    assert meta["normalize"]["mean"] == pytest.approx(
+        [float(c.mean()) / 255 for c in np.moveaxis(load_splits(
+            DataConfig(name="cifar10", val_size=12, download=False),
+            tmp_path / "data").train_x, 1, 0)])
 
     assert main(["export", str(run), "--model", "student-small"]) == 0
     capsys.readouterr()
@@ -247,3 +253,33 @@ def test_a_teacher_trained_elsewhere_is_evaluated_and_distilled(ray_session, tmp
         assert record["test_errors"] == count_errors(model, x, y)
     student = metrics["student-distilled"]
     assert student["status"] == "finished" and len(student["history"]) == 2
+
+
+def test_normalisation_is_part_of_the_model(cifar, tmp_path):
+    """data.normalize: the mean and std of the training split, per channel, inside every model
+    (so its checkpoint and export carry them); a specialist inherits its generalist's."""
+    import dataclasses
+
+    from ensemble.data import channel_stats
+
+    mean, std = channel_stats(cifar.train_x)
+    pixels = cifar.train_x.astype(np.float64) / 255
+    assert mean == pytest.approx(pixels.mean(axis=(0, 2, 3)).tolist())
+    assert std == pytest.approx(pixels.std(axis=(0, 2, 3)).tolist())
+    data = dataclasses.replace(cifar, mean=mean, std=std)
+    model = ModelConfig(kind="resnet8x4")
+    t = Trainer("g", model, TrainConfig(epochs=1, batch_size=16, flip=True), data, seed=0)
+    t.train_epoch()
+    loaded, meta = load_model(t.checkpoint(), torch.device("cpu"))
+    assert meta["normalize"] == {"mean": list(mean), "std": list(std)}
+    x = as_float(t.x[:8])
+    t.model.eval()
+    torch.testing.assert_close(predict_logits(loaded, x), predict_logits(t.model, x))
+    with torch.no_grad():  # the same as normalising outside a bare net
+        bare = loaded.net
+        z = bare((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1))
+    torch.testing.assert_close(loaded(x), z, rtol=1e-5, atol=1e-5)
+    spec = SpecialistTrainer("s", [1, 2], t.checkpoint(), SpecialistsConfig(train=TRAIN), data,
+                             seed=1)
+    assert isinstance(spec.model.net.fc, DustbinHead)
+    assert torch.equal(spec.model.mean, loaded.mean)
