@@ -109,10 +109,11 @@ def _adopt_generalists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes]]:
         if not src.exists():
             raise ConfigError(f"generalists.from_run: there is no run at {source}")
         saved = src.load_config()
-        split = lambda d: (d.name, d.val_size, d.train_size)  # noqa: E731
+        split = lambda d: (d.name, d.folder, d.npz, d.factory, d.kwargs, d.mode,  # noqa: E731
+                           d.image_size, d.val_size, d.train_size)
         if split(saved.data) != split(cfg.data):
             raise ConfigError(f"generalists.from_run: {source} split its data differently (data "
-                              "name, val_size, train_size), so its generalists trained on this "
+                              "source, val_size, train_size), so its generalists trained on this "
                               "run's validation images; use its data settings")
         own = dataclasses.replace(cfg.generalists, from_run="")
         theirs = dataclasses.replace(saved.generalists, from_run="")
@@ -166,6 +167,7 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
     from ensemble.tracking import Tracker
 
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
+    cfg.check_classes(splits.num_classes)  # data of one's own: its classes are known only now
     _check_models(cfg, splits)
     if cfg.generalists.weights and not resume:
         adopted = _generalists_from_weights(cfg, splits)
@@ -184,7 +186,7 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
         f"{len(splits.train_y):,} training"
     tracker.line(f"run {path} ({'resumed' if resume else 'new'}): {train}, "
                  f"{len(splits.val_y):,} validation, {len(splits.test_y):,} test images of "
-                 f"{cfg.data.name}")
+                 f"{splits.name}")
     try:
         run_pipeline(cfg, run, splits, args.address, resume, tracker, adopted)
     except KeyboardInterrupt:

@@ -38,6 +38,16 @@ class DataConfig:
     #   to the generalists through Ray Data instead of held in memory (the `data` extra): columns
     #   `image` (C*H*W uint8 bytes of `name`'s image shape) and `label`. Validation and test still
     #   come from `name`. Generalists only: students and specialists need an in-memory transfer set
+    folder: str = ""  # your own images, torchvision's ImageFolder layout: ROOT/train/<class>/*,
+    #   ROOT/test/<class>/*, optional ROOT/val/<class>/*; decoded once with Pillow
+    npz: str = ""  # your own arrays: x_train, y_train, x_test, y_test (uint8 images N x H x W
+    #   or N x H x W x C; integer labels), optional x_val, y_val and classes (names)
+    factory: str = ""  # "package.module:callable" returning those arrays as a mapping
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the factory's keyword arguments
+    mode: Literal["", "L", "RGB"] = ""  # folder: every image converted to this; "" = the mode
+    #   most of them have (L for grey, RGB otherwise)
+    image_size: int = 0  # folder: the shorter side resized to this, then the centre cropped to
+    #   a square; 0 = keep the size, which every image must then share
     normalize: bool = False  # every model sees (pixel/255 - mean) / std per channel: the mean and
     #   std given below, else the training split's; part of the model (its checkpoints, exports)
     mean: tuple[float, ...] = ()  # per channel, of pixel/255 (CIFAR-100: 0.5071, 0.4865, 0.4409)
@@ -53,6 +63,23 @@ class DataConfig:
                  "to be used", self.normalize)
         _require(not (self.normalize and self.stream) or bool(self.mean), "mean",
                  "must be given to normalise a streamed training set", list(self.mean))
+        chosen = [k for k in ("folder", "npz", "factory") if getattr(self, k)]
+        _require(len(chosen) <= 1, chosen[-1] if chosen else "folder",
+                 f"is one source too many: choose one of {', '.join(chosen)}",
+                 getattr(self, chosen[-1]) if chosen else "")
+        _require(not (chosen and self.stream), "stream", "streams only beside a named data set "
+                 "(data.name)", self.stream)
+        _require(not self.factory or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*",
+                                                   self.factory) is not None,
+                 "factory", "must be 'package.module:callable'", self.factory)
+        _require(bool(self.factory) or not self.kwargs, "kwargs", "belong to a factory",
+                 self.kwargs)
+        _require(self.image_size >= 0, "image_size", "must be >= 0", self.image_size)
+
+    @property
+    def source(self) -> str:
+        """'folder', 'npz' or 'factory' for data of one's own, '' for a named set."""
+        return next((k for k in ("folder", "npz", "factory") if getattr(self, k)), "")
 
 
 @dataclass(frozen=True)
@@ -317,11 +344,8 @@ class RunConfig:
                 raise ConfigError(f"device 'cuda' needs a GPU for every model, but "
                                   f"{key}.num_gpus is 0 (it would train on a GPU that Ray "
                                   f"believes free); give it a share of a GPU or use device 'auto'")
-        classes = NUM_CLASSES[self.data.name]
-        _require(self.specialists.k <= classes, "specialists.k",
-                 f"must be at most the number of classes ({classes})", self.specialists.k)
-        _require(self.specialists.top_n <= classes, "specialists.top_n",
-                 f"must be at most the number of classes ({classes})", self.specialists.top_n)
+        if not self.data.source:  # a named set: its classes are known before it is read
+            self.check_classes(NUM_CLASSES[self.data.name])
         _require(not self.data.stream or (not self.students and self.specialists.k == 0),
                  "data.stream", "trains the generalists only: drop the students and set "
                  "specialists.k to 0", self.data.stream)
@@ -331,19 +355,24 @@ class RunConfig:
                      "(specialists.k > 0)", student.soft_targets)
             _require(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, f"students.{name}",
                      "must be named with letters, digits, '_' and '-' only", name)
+            _check_paper_row(name, student, self.students)
+
+    def check_classes(self, classes: int) -> None:
+        """The keys that depend on the data's number of classes (a data set of one's own is
+        checked once read, before anything starts)."""
+        _require(self.specialists.k <= classes, "specialists.k",
+                 f"must be at most the number of classes ({classes})", self.specialists.k)
+        _require(self.specialists.top_n <= classes, "specialists.top_n",
+                 f"must be at most the number of classes ({classes})", self.specialists.top_n)
+        for name, student in self.students.items():
             for key in ("drop_classes", "keep_classes"):
                 chosen = getattr(student, key)
                 _require(all(0 <= c < classes for c in chosen), f"students.{name}.{key}",
                          f"must hold class indices in [0, {classes})", list(chosen))
-            _check_paper_row(name, student, self.students)
             kept = (set(student.keep_classes) if student.keep_classes
                     else set(range(classes)) - set(student.drop_classes))
             _require(bool(kept), f"students.{name}.drop_classes",
                      "must leave at least one class in the transfer set", list(student.drop_classes))
-
-    @property
-    def num_classes(self) -> int:
-        return NUM_CLASSES[self.data.name]
 
     def model_resources(self):
         """(dotted key, resources) of every kind of model this run trains."""

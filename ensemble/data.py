@@ -225,29 +225,54 @@ def load_arrays(name: str, data_dir: str | Path | None = None, download: bool = 
 
 
 def load_splits(cfg: DataConfig, data_dir: str | Path | None = None) -> Splits:
-    """Read a data set and carve the fixed validation split from the end of its training set."""
-    train_x, train_y, test_x, test_y, classes = load_arrays(cfg.name, data_dir, cfg.download)
-    train_y, test_y = train_y.astype(np.int64), test_y.astype(np.int64)
-    for labels, part in ((train_y, "training"), (test_y, "test")):
-        if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
-            raise DataError(f"{cfg.name} {part} labels must lie in [0, {len(classes)}), found "
-                            f"{labels.min()}..{labels.max()}")
-    if cfg.val_size >= len(train_x):
-        raise DataError(f"data.val_size={cfg.val_size} leaves no training data: {cfg.name} has "
-                        f"{len(train_x)} training images")
-    cut = len(train_x) - cfg.val_size
-    keep = min(cut, cfg.train_size) if cfg.train_size else cut
+    """Read a data set, a named one or one's own (ensemble.sources), and carve its validation
+    split: a named set's from the end of its training set (MNIST's classic split), one's own
+    from a fixed shuffle of it (its files may be in class order), unless it brings its own."""
+    from ensemble.sources import Arrays, read
+
+    if cfg.source:
+        arrays, name = read(cfg), f"{cfg.source} {getattr(cfg, cfg.source)}"
+        if arrays.val_x is None:
+            order = np.random.default_rng(0).permutation(len(arrays.train_y))
+            arrays.train_x, arrays.train_y = arrays.train_x[order], arrays.train_y[order]
+    else:
+        train_x, train_y, test_x, test_y, classes = load_arrays(cfg.name, data_dir, cfg.download)
+        train_y, test_y = train_y.astype(np.int64), test_y.astype(np.int64)
+        for labels, part in ((train_y, "training"), (test_y, "test")):
+            if len(labels) and (labels.min() < 0 or labels.max() >= len(classes)):
+                raise DataError(f"{cfg.name} {part} labels must lie in [0, {len(classes)}), "
+                                f"found {labels.min()}..{labels.max()}")
+        arrays, name = Arrays(train_x, train_y, test_x, test_y, tuple(classes)), cfg.name
+    return _normalized(cfg, _carved(cfg, name, arrays))
+
+
+def _carved(cfg: DataConfig, name: str, a) -> Splits:
+    """Splits of arrays `a`: validation its own, else the last val_size training images."""
+    if a.val_x is not None:
+        train_x, train_y, val_x, val_y = a.train_x, a.train_y, a.val_x, a.val_y
+    else:
+        if cfg.val_size >= len(a.train_x):
+            raise DataError(f"data.val_size={cfg.val_size} leaves no training data: {name} has "
+                            f"{len(a.train_x)} training images")
+        cut = len(a.train_x) - cfg.val_size
+        train_x, train_y = a.train_x[:cut], a.train_y[:cut]
+        val_x, val_y = a.train_x[cut:], a.train_y[cut:]
+    keep = min(len(train_y), cfg.train_size) if cfg.train_size else len(train_y)
     if cfg.stream:
         keep = 0  # the training examples stream from cfg.stream (ensemble.streaming)
-    splits = Splits(cfg.name, tuple(classes), train_x[:keep], train_y[:keep], train_x[cut:],
-                    train_y[cut:], test_x, test_y)
+    return Splits(name, a.classes, train_x[:keep], train_y[:keep], val_x, val_y, a.test_x,
+                  a.test_y)
+
+
+def _normalized(cfg: DataConfig, splits: Splits) -> Splits:
+    """`splits` with the per-channel statistics every model normalises by (data.normalize)."""
     if not cfg.normalize:
         return splits
     channels = splits.image_shape[0]
     mean, std = (cfg.mean, cfg.std) if cfg.mean else channel_stats(splits.train_x)
     if len(mean) not in (1, channels):
-        raise DataError(f"data.mean and data.std have {len(mean)} values; {cfg.name}'s images "
-                        f"have {channels} channel(s)")
+        raise DataError(f"data.mean and data.std have {len(mean)} values; {splits.name}'s "
+                        f"images have {channels} channel(s)")
     return dataclasses.replace(splits, mean=tuple(mean) * (channels // len(mean)),
                                std=tuple(std) * (channels // len(std)))
 

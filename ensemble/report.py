@@ -25,7 +25,8 @@ FIGURES = "report"  # RUN/report/<figure>.png
 
 
 def class_labels(cfg: RunConfig, classes: int) -> list[str]:
-    return list(CLASS_NAMES.get(cfg.data.name, ()))[:classes] or [str(c) for c in range(classes)]
+    known = () if cfg.data.source else CLASS_NAMES.get(cfg.data.name, ())
+    return list(known)[:classes] or [str(c) for c in range(classes)]
 
 
 def temperature_grid(cfg: RunConfig, models: dict[str, dict]) -> dict | None:

@@ -3,6 +3,7 @@ traceback, creates no run directory, and leaves an existing one byte for byte un
 import gzip
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -238,6 +239,83 @@ def test_bad_weights_of_a_teacher_trained_elsewhere(case, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert main(["run", str(config), "--set", f"generalists.weights=[{path}]", "--data-dir",
                  str(tmp_path / "data"), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("ensemble: error:") and err.count("\n") == 1, err
+    assert not run_dir.exists()
+
+
+def _folder(damage):
+    """An ImageFolder tree of 2 classes, spoilt by `damage`; its config's data section."""
+    def make(tmp):
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for part in ("train", "test"):
+            for c in ("a", "b"):
+                (tmp / "f" / part / c).mkdir(parents=True)
+                for i in range(4):
+                    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+                        tmp / "f" / part / c / f"{i}.png")
+        spot = tmp / "f" / "train" / "a" / "0.png"
+        if damage == "garbage":
+            spot.write_bytes(b"this is not a picture")
+        elif damage == "truncated":
+            spot.write_bytes(spot.read_bytes()[:60])
+        elif damage == "empty class":
+            for p in (tmp / "f" / "test" / "b").iterdir():
+                p.unlink()
+        elif damage == "sizes":
+            Image.fromarray(np.zeros((9, 8), np.uint8)).save(spot)
+        elif damage == "classes":
+            (tmp / "f" / "test" / "b").rename(tmp / "f" / "test" / "c")
+        return f"{{folder: {tmp / 'f'}, val_size: 2}}"
+    return make
+
+
+def _npz(change):
+    def make(tmp):
+        arrays = {"x_train": np.zeros((10, 8, 8), np.uint8), "y_train": np.arange(10) % 2,
+                  "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.arange(4) % 2}
+        change(arrays)
+        np.savez(tmp / "d.npz", **arrays)
+        return f"{{npz: {tmp / 'd.npz'}, val_size: 2}}"
+    return make
+
+
+def broken(**kwargs):
+    """A data factory that fails as its kwargs say (named in test configs)."""
+    if kwargs.get("raise_"):
+        raise ValueError("the bucket is empty")
+    return [1, 2, 3]
+
+
+DATA = {  # data of one's own spoilt: (data section factory, words of the one sentence)
+    "unreadable image": (_folder("garbage"), "cannot read image"),
+    "truncated image": (_folder("truncated"), "cannot read image"),
+    "empty class folder": (_folder("empty class"), "holds no images"),
+    "mixed image sizes": (_folder("sizes"), "set data.image_size"),
+    "splits with other classes": (_folder("classes"), "has classes ['a', 'c']"),
+    "npz without a key": (_npz(lambda a: a.pop("y_test")), "lacks y_test"),
+    "npz labels out of range": (_npz(lambda a: a.update(classes=np.array(["x"]))),
+                                "y_train must lie in [0, 1)"),
+    "npz of float images": (_npz(lambda a: a.update(x_train=np.zeros((10, 8, 8)))),
+                            "must be uint8 images"),
+    "factory that raises": (lambda tmp: "{factory: 'tests.test_cli:broken', "
+                                        "kwargs: {raise_: true}}",
+                            "raised ValueError: the bucket is empty"),
+    "factory of the wrong type": (lambda tmp: "{factory: 'tests.test_cli:broken'}",
+                                  "gave a list, not a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA))
+def test_bad_data_of_ones_own(case, tmp_path, capsys):
+    make, message = DATA[case]
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: t\ndata: {make(tmp_path)}\n"
+                      "generalists: {model: {hidden: [16]}, train: {epochs: 2}}\n")
+    run_dir = tmp_path / "run"
+    assert main(["run", str(config), "--run-dir", str(run_dir)]) == 3
     err = capsys.readouterr().err
     assert message in err and err.startswith("ensemble: error:") and err.count("\n") == 1, err
     assert not run_dir.exists()

@@ -65,6 +65,9 @@ def test_nested_partial_sections_keep_their_defaults():
     ({"data": {"mean": [0.5], "std": [0.2]}}, "data.normalize must be true"),
     ({"data": {"normalize": True}, "stack_students": True},
      "stack_students cannot be combined with data.normalize"),
+    ({"data": {"folder": "pets", "npz": "pets.npz"}}, "data.npz is one source too many"),
+    ({"data": {"kwargs": {"n": 1}}}, "data.kwargs belong to a factory"),
+    ({"data": {"npz": "a.npz", "stream": "parts/"}}, "data.stream streams only beside a named"),
     ({"students": {"s": {"paper": "no3"}}}, r"'no3' experiment, which needs drop_classes \[3\]"),
     ({"students": {"s": {"paper": "distilled"}, "t": {"paper": "distilled"}}},
      "names the row student 's' already fills"),
@@ -119,3 +122,13 @@ def test_x_keys_hold_yaml_anchors(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(ROOT / path)  # ConfigError, with the key, if one went stale
     assert cfg.name and (cfg.students or cfg.specialists.k or cfg.generalists.count)
+
+
+def test_data_of_ones_own_has_its_classes_checked_once_read():
+    cfg = parse(RunConfig, {"data": {"npz": "a.npz"}, "specialists": {"k": 30},
+                            "students": {"s": {"drop_classes": [12]}}})
+    cfg.check_classes(40)  # fine for 40 classes
+    with pytest.raises(ConfigError, match=r"specialists.k must be at most the number of classes"):
+        cfg.check_classes(10)
+    with pytest.raises(ConfigError, match="specialists.k"):
+        parse(RunConfig, {"specialists": {"k": 30}})  # a named set: at once

@@ -1,0 +1,215 @@
+"""Data sets of one's own, read into the same uint8 arrays as the named sets (ensemble.data):
+
+- `data.folder`: torchvision's ImageFolder layout (ROOT/train/<class>/*, ROOT/test/<class>/*,
+  optional ROOT/val/<class>/*), decoded once on the driver, in parallel threads, with Pillow;
+  every image converted to one mode (L or RGB) and, with `image_size`, its shorter side resized
+  to it and the centre cropped to a square. Class names are the train folders' names.
+- `data.npz`: x_train, y_train, x_test, y_test (uint8 N x H x W or N x H x W x C; integer
+  labels), optional x_val, y_val, and classes (names).
+- `data.factory`: "package.module:callable" returning those arrays as a mapping.
+
+Bad data is refused in one sentence that names the file or key (DataError).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.errors import ConfigError, DataError
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+GREY = {"1", "L", "LA", "I", "I;16", "F", "P"}  # modes read as one channel (P: see _mode)
+STORE_SHARE = 0.3  # of the machine's memory: Ray's default object store size
+
+
+@dataclass
+class Arrays:
+    """A data set's images (uint8 N,C,H,W) and labels (int64 N), validation if it has its own."""
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: tuple[str, ...]
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+
+
+def read(cfg) -> Arrays:
+    """The arrays of `cfg` (a DataConfig naming a folder, an npz file or a factory)."""
+    if cfg.folder:
+        return read_folder(Path(cfg.folder).expanduser(), cfg.mode, cfg.image_size)
+    if cfg.npz:
+        path = Path(cfg.npz).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.npz: there is no file {path}")
+        try:
+            with np.load(path, allow_pickle=False) as found:
+                mapping = {k: found[k] for k in found.files}
+        except (OSError, ValueError) as err:
+            raise DataError(f"data.npz: {path} is not a readable .npz ({_first(err)})") from None
+        return from_mapping(mapping, f"data.npz {path}")
+    return from_mapping(_call(cfg.factory, cfg.kwargs), f"data.factory {cfg.factory}")
+
+
+def _call(path: str, kwargs: dict):
+    from ensemble.models import factory
+
+    try:
+        made = factory(path)
+    except ConfigError as err:
+        raise DataError(f"data.factory: {err}") from None
+    try:
+        return made(**kwargs)
+    except Exception as err:  # the user's code: whatever it raises, one sentence
+        raise DataError(f"data.factory {path} raised {type(err).__name__}: {_first(err)}") \
+            from None
+
+
+def _first(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+# ---------------------------------------------------------------- arrays --------------------------
+def from_mapping(found, what: str) -> Arrays:
+    """Arrays from a mapping of x_train, y_train, x_test, y_test (+ x_val, y_val, classes)."""
+    if not hasattr(found, "keys"):
+        raise DataError(f"{what} gave a {type(found).__name__}, not a mapping of arrays")
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in found]
+    if missing:
+        raise DataError(f"{what} lacks {', '.join(missing)}")
+    parts = ["train", "test"] + (["val"] if "x_val" in found or "y_val" in found else [])
+    xs = {p: _images(found.get(f"x_{p}"), f"{what}: x_{p}") for p in parts}
+    ys = {p: _labels(found.get(f"y_{p}"), len(xs[p]), f"{what}: y_{p}") for p in parts}
+    shapes = {p: x.shape[1:] for p, x in xs.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataError(f"{what}: the images' shapes differ between splits ({shapes})")
+    top = max(int(y.max()) for y in ys.values() if len(y)) + 1 if any(map(len, ys.values())) \
+        else 0
+    names = found.get("classes")
+    classes = tuple(str(c) for c in names) if names is not None else \
+        tuple(str(c) for c in range(top))
+    for p, y in ys.items():
+        if len(y) and (y.min() < 0 or y.max() >= len(classes)):
+            raise DataError(f"{what}: y_{p} must lie in [0, {len(classes)}), found "
+                            f"{y.min()}..{y.max()}")
+    return Arrays(xs["train"], ys["train"], xs["test"], ys["test"], classes, xs.get("val"),
+                  ys.get("val"))
+
+
+def _images(x, what: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim not in (3, 4):
+        kind = f"{x.dtype} array of shape {x.shape}" if isinstance(x, np.ndarray) else \
+            type(x).__name__
+        raise DataError(f"{what} must be uint8 images N x H x W or N x H x W x C, got {kind}")
+    if x.ndim == 3:
+        return x[:, None]
+    if x.shape[3] not in (1, 3, 4):
+        raise DataError(f"{what} has {x.shape[3]} channels in its last axis (1, 3 or 4 "
+                        "expected: N x H x W x C)")
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _labels(y, n: int, what: str) -> np.ndarray:
+    if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{what} must be a 1-D array of integer labels")
+    if len(y) != n:
+        raise DataError(f"{what} holds {len(y)} labels for {n} images")
+    return y.astype(np.int64)
+
+
+# ---------------------------------------------------------------- image folders ------------------
+def read_folder(root: Path, mode: str, size: int, workers: int | None = None) -> Arrays:
+    """An ImageFolder tree decoded into arrays (see the module's docstring)."""
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise DataError(f"data.folder {root} needs train/ and test/ folders "
+                        "(ROOT/train/<class>/*, ROOT/test/<class>/*)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    parts = ["train", "test"] + (["val"] if (root / "val").is_dir() else [])
+    files = {part: _listing(root / part, classes) for part in parts}
+    everything = [f for part in parts for f, _ in files[part]]
+    mode = mode or _mode(everything)
+    first = _decode(everything[0], mode, size)
+    shape = first.shape if first.ndim == 3 else first.shape + (1,)
+    _check_fits(root, len(everything), shape)
+    decoded = {}
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        for part in parts:
+            paths = [f for f, _ in files[part]]
+            out = np.empty((len(paths), shape[2], shape[0], shape[1]), np.uint8)
+            for i, image in enumerate(pool.map(lambda f: _decode(f, mode, size), paths)):
+                if image.shape[:2] != shape[:2]:
+                    raise DataError(f"data.folder: {paths[i]} is {image.shape[1]}x"
+                                    f"{image.shape[0]} but {everything[0]} is {shape[1]}x"
+                                    f"{shape[0]}; set data.image_size to resize them")
+                out[i] = image.reshape(shape).transpose(2, 0, 1)
+            decoded[part] = out, np.array([label for _, label in files[part]], np.int64)
+    val = decoded.get("val", (None, None))
+    return Arrays(*decoded["train"], *decoded["test"], tuple(classes), *val)
+
+
+def _listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(image file, class index) under folder/<class>/, each class folder holding some."""
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if found != classes:
+        raise DataError(f"data.folder: {folder} has classes {found[:5]}... unlike train/ "
+                        f"({classes[:5]}...): every split needs the same class folders"
+                        if len(classes) > 5 else
+                        f"data.folder: {folder} has classes {found}, train/ has {classes}")
+    listing = []
+    for label, name in enumerate(classes):
+        images = sorted(p for p in (folder / name).iterdir()
+                        if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not images:
+            raise DataError(f"data.folder: {folder / name} holds no images")
+        listing += [(p, label) for p in images]
+    return listing
+
+
+def _mode(paths: list[Path]) -> str:
+    """L if most images are grey, else RGB (read from their headers only)."""
+    from PIL import Image
+
+    grey = 0
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                grey += img.mode in GREY and img.mode != "P"
+        except OSError as err:
+            raise DataError(f"data.folder: cannot read image {path} ({_first(err)})") from None
+    return "L" if 2 * grey > len(paths) else "RGB"
+
+
+def _decode(path: Path, mode: str, size: int) -> np.ndarray:
+    """One image as uint8 H x W (L) or H x W x 3 (RGB), resized and cropped to size x size."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if size:
+                scale = size / min(img.size)
+                img = img.resize((max(size, round(img.width * scale)),
+                                  max(size, round(img.height * scale))), Image.BILINEAR)
+                left, top = (img.width - size) // 2, (img.height - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"data.folder: cannot read image {path} ({_first(err)})") from None
+
+
+def _check_fits(root: Path, count: int, shape: tuple[int, int, int]) -> None:
+    """Refuse a folder whose arrays would not fit Ray's object store (its default size)."""
+    need = count * shape[0] * shape[1] * shape[2]
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if need > STORE_SHARE * memory:
+        raise DataError(f"data.folder {root}: {count:,} images of {shape[1]}x{shape[0]}x"
+                        f"{shape[2]} need {need / 2**30:.1f} GiB, more than Ray's object store "
+                        f"holds here ({STORE_SHARE * memory / 2**30:.1f} GiB); stream them "
+                        "instead (ray.data.read_images) or set a smaller data.image_size")
