@@ -1,6 +1,6 @@
-"""`ensemble run | eval | report | export | table`: every mistake in the input ends in one
-sentence on stderr and a non-zero exit, before any work starts and without touching an existing
-run directory."""
+"""`ensemble run | eval | report | export | table | predict`: every mistake in the input ends
+in one sentence on stderr and a non-zero exit, before any work starts and without touching an
+existing run directory."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="a model of the run (e.g. student-distilled) or a role (generalist, "
                           "specialist, student: its model with the fewest validation errors); "
                           "default: student")
+    pre = sub.add_parser("predict", help="a trained model's top classes for image files")
+    pre.add_argument("run_dir", metavar="RUN")
+    pre.add_argument("images", nargs="+", metavar="IMAGE",
+                     help="image files, or folders of them")
+    pre.add_argument("--model", default="student",
+                     help="a model of the run or a role, as for export (default: student)")
+    pre.add_argument("--top", type=int, default=3, help="classes shown per image (default: 3)")
     tab = sub.add_parser("table", help="the paper's tables (section 3's rows, seeds, temperature "
                                        "x width, the ensemble's gain kept, Table 4) from runs")
     tab.add_argument("run_dirs", nargs="+", metavar="RUN",
@@ -322,6 +329,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from ensemble.predict import predict
+
+    if args.top < 1:
+        raise ConfigError(f"--top must be at least 1, got {args.top}")
+    run = _existing_run(args.run_dir)
+    try:
+        print("\n".join(predict(run, args.model, args.images, args.top)))
+    finally:
+        run.close()
+    return 0
+
+
 def cmd_table(args) -> int:
     from ensemble import analysis
 
@@ -343,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         return {"run": cmd_run, "eval": cmd_eval, "report": cmd_report,
-                "export": cmd_export, "table": cmd_table}[args.command](args)
+                "export": cmd_export, "table": cmd_table,
+                "predict": cmd_predict}[args.command](args)
     except EnsembleError as err:
         print(f"ensemble: error: {err}", file=sys.stderr)
         return err.exit_code

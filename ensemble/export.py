@@ -79,6 +79,11 @@ def export(run: RunDir, wanted: str) -> list[str]:
              "test_errors": (meta.get("summary") or {}).get("test_errors")}
     if meta.get("normalize"):
         about["normalized_inside"] = meta["normalize"]  # per channel, applied by the model
+    names = meta.get("class_names")
+    about["mode"] = {1: "L", 3: "RGB"}.get(shape[0], f"{shape[0]} channels")
+    if names:
+        about["class_names"] = [names[c] for c in meta["members"]] + ["dustbin"] \
+            if specialist else names
     if specialist:
         about["classes"] = meta["members"] + ["dustbin"]
     (folder / f"{name}.json").write_text(json.dumps(about, indent=1) + "\n")

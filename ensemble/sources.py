@@ -132,7 +132,7 @@ def read_folder(root: Path, mode: str, size: int, workers: int | None = None) ->
     files = {part: _listing(root / part, classes) for part in parts}
     everything = [f for part in parts for f, _ in files[part]]
     mode = mode or _mode(everything)
-    first = _decode(everything[0], mode, size)
+    first = decode(everything[0], mode, size)
     shape = first.shape if first.ndim == 3 else first.shape + (1,)
     _check_fits(root, len(everything), shape)
     decoded = {}
@@ -140,7 +140,7 @@ def read_folder(root: Path, mode: str, size: int, workers: int | None = None) ->
         for part in parts:
             paths = [f for f, _ in files[part]]
             out = np.empty((len(paths), shape[2], shape[0], shape[1]), np.uint8)
-            for i, image in enumerate(pool.map(lambda f: _decode(f, mode, size), paths)):
+            for i, image in enumerate(pool.map(lambda f: decode(f, mode, size), paths)):
                 if image.shape[:2] != shape[:2]:
                     raise DataError(f"data.folder: {paths[i]} is {image.shape[1]}x"
                                     f"{image.shape[0]} but {everything[0]} is {shape[1]}x"
@@ -183,7 +183,7 @@ def _mode(paths: list[Path]) -> str:
     return "L" if 2 * grey > len(paths) else "RGB"
 
 
-def _decode(path: Path, mode: str, size: int) -> np.ndarray:
+def decode(path: Path, mode: str, size: int) -> np.ndarray:
     """One image as uint8 H x W (L) or H x W x 3 (RGB), resized and cropped to size x size."""
     from PIL import Image
 

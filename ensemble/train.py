@@ -125,6 +125,7 @@ class Trainer:
         self.name, self.model_cfg, self.cfg, self.seed = name, model_cfg, train_cfg, seed
         self.device = pick_device(device)
         self.classes, self.image_shape = data.num_classes, data.image_shape
+        self.class_names = list(data.classes)
         self.normalize = {"mean": list(data.mean), "std": list(data.std)} if data.mean else None
         torch.manual_seed(seed)
         self.model = self.make_model(data).to(self.device)
@@ -347,6 +348,7 @@ class Trainer:
         meta = {"name": self.name, "kind": self.kind, "epoch": self.epoch, "seed": self.seed,
                 "model": to_dict(self.model_cfg), "train": to_dict(self.cfg),
                 "classes": self.classes, "image_shape": list(self.image_shape),
+                "class_names": self.class_names,
                 "best_epoch": self.best_epoch,
                 "best_val_errors": self.best_val_errors, "history": self.history,
                 "summary": self.summary(), **self.extra_meta(),

@@ -237,6 +237,7 @@ def test_export_runs_in_onnxruntime_like_the_trained_model(specialists_run, data
     assert f"export/{chosen}.onnx" in capsys.readouterr().out
     about = json.loads((run / "export" / f"{chosen}.json").read_text())
     assert about["input_shape"] == ["batch", 1, 8, 8] and about["output_shape"] == ["batch", 10]
+    assert about["mode"] == "L" and len(about["class_names"]) == 10  # what using it needs
     images = to_device(load_splits(DataConfig(val_size=100, download=False), data_root).test_x,
                        torch.device("cpu"))
     model, _ = load_model(RunDir(run).latest(chosen)[0], torch.device("cpu"))

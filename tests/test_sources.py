@@ -2,6 +2,7 @@
 the named sets (ensemble.sources); bad data is refused in one sentence (test_cli)."""
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ensemble.config import DataConfig
@@ -100,7 +101,26 @@ generalists: {{model: {{hidden: [32]}}, train: {{epochs: 2, batch_size: 40, lr: 
 specialists: {{k: 2, train: {{epochs: 1, batch_size: 40}}}}
 students: {{s: {{model: {{hidden: [16]}}, train: {{epochs: 1, batch_size: 40}}}}}}
 """)
-    assert main(["run", str(config), "--run-dir", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--run-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert f"test images of folder {tmp_path / 'pets'}" in out
-    assert "student-s" in (tmp_path / "run" / "summary.md").read_text()
+    assert "student-s" in (run / "summary.md").read_text()
+
+    # `ensemble predict`: the student's top classes for pictures, read as its data were
+    folder = tmp_path / "pets" / "test" / "c3"
+    assert main(["predict", str(run), str(folder), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    files = sorted(folder.iterdir())
+    assert lines[0].startswith("# student-s") and len(lines) == 1 + len(files)
+    from ensemble.data import as_float, to_pixels
+    from ensemble.models import load_model
+    from ensemble.rundir import RunDir
+
+    model, _ = load_model(RunDir(run).latest("student-s")[0], torch.device("cpu"))
+    data = load_splits(DataConfig(folder=str(tmp_path / "pets"), val_size=40), None)
+    mine = data.test_y == 3
+    with torch.no_grad():
+        expected = model(as_float(to_pixels(data.test_x[mine], torch.device("cpu")))).argmax(1)
+    said = [line.split(": ", 1)[1].split()[0] for line in lines[1:]]
+    assert said == [f"c{c}" for c in expected.tolist()]  # the class names of the folders
