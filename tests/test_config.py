@@ -1,6 +1,8 @@
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ensemble.config import RunConfig, apply_overrides, load_config, parse, resume_conflicts
 from ensemble.errors import ConfigError
@@ -72,9 +74,19 @@ def test_nested_partial_sections_keep_their_defaults():
     ({"students": {"s": {"paper": "distilled"}, "t": {"paper": "distilled"}}},
      "names the row student 's' already fills"),
 ])
-def test_bad_configs(raw, message):
+def test_bad_configs(raw, message, tmp_path, capsys):
+    """Each refused by the parser and, as a config file, by `ensemble run`: one sentence on
+    stderr, exit 2, no run directory (the bad-input table counts these once, here)."""
+    from ensemble.cli import main
+
     with pytest.raises(ConfigError, match=message):
         parse(RunConfig, raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.startswith("ensemble: error:"), err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
 
 
 def test_cuda_for_models_that_each_ask_for_a_gpu():
