@@ -133,9 +133,9 @@ def main() -> None:
                             text=True, cwd=ROOT).stdout.strip()
     lines = [f"# The CIFAR nets on {name}", "",
              f"`python benchmarks/gpu_models.py --train-size {args.train_size} --batch-size "
-             f"{args.batch_size} --models {' '.join(args.models)}`; torch {torch.__version__}, git commit {commit}; synthetic "
-             "CIFAR-100-shaped images resident on the device; one training epoch after a "
-             "warm-up.", "",
+             f"{args.batch_size} --models {' '.join(args.models)}`; torch {torch.__version__}, "
+             f"git commit {commit}; synthetic CIFAR-100-shaped images resident on the device; "
+             "one training epoch after a warm-up.", "",
              "| model | precision | epoch seconds | images/s |", "|---|---|---:|---:|", *rows,
              *pack_lines]
     if skipped:

@@ -57,8 +57,7 @@ def predict(run: RunDir, wanted: str, images: list[str], top: int = 3) -> list[s
     names = meta.get("class_names") or [str(c) for c in range(meta["classes"])]
     if checkpoint_kind(meta) == "specialist":
         names = [names[c] for c in meta["members"]] + ["dustbin"]
-    pixels = torch.stack([torch.from_numpy(decode(f, MODES[channels], height).copy())
-                          .reshape(height, width, channels).permute(2, 0, 1) for f in files])
+    pixels = torch.stack([torch.from_numpy(decode(f, MODES[channels], height)) for f in files])
     with torch.no_grad():
         probs = model(as_float(pixels)).softmax(1)
     best = probs.topk(min(top, probs.shape[1]), dim=1)

@@ -1,9 +1,9 @@
 """Data sets of one's own, read into the same uint8 arrays as the named sets (ensemble.data):
 
 - `data.folder`: torchvision's ImageFolder layout (ROOT/train/<class>/*, ROOT/test/<class>/*,
-  optional ROOT/val/<class>/*), decoded once on the driver, in parallel threads, with Pillow;
+  optional ROOT/val/<class>/*), decoded once on the driver, in worker processes, with Pillow;
   every image converted to one mode (L or RGB) and, with `image_size`, its shorter side resized
-  to it and the centre cropped to a square. Class names are the train folders' names.
+  to it and the centre cropped to a square. Class names are the train folders'.
 - `data.npz`: x_train, y_train, x_test, y_test (uint8 N x H x W or N x H x W x C; integer
   labels), optional x_val, y_val, and classes (names).
 - `data.factory`: "package.module:callable" returning those arrays as a mapping.
@@ -12,8 +12,9 @@ Bad data is refused in one sentence that names the file or key (DataError).
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ensemble.errors import ConfigError, DataError
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 GREY = {"1", "L", "LA", "I", "I;16", "F", "P"}  # modes read as one channel (P: see _mode)
 STORE_SHARE = 0.3  # of the machine's memory: Ray's default object store size
+CHUNK = 1024  # files a worker decodes at a time
 
 
 @dataclass
@@ -123,7 +125,8 @@ def _labels(y, n: int, what: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- image folders ------------------
 def read_folder(root: Path, mode: str, size: int, workers: int | None = None) -> Arrays:
-    """An ImageFolder tree decoded into arrays (see the module's docstring)."""
+    """An ImageFolder tree decoded into arrays (see the module's docstring): chunks of files
+    decoded by forked worker processes (Pillow holds the GIL), small trees in this one."""
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise DataError(f"data.folder {root} needs train/ and test/ folders "
                         "(ROOT/train/<class>/*, ROOT/test/<class>/*)")
@@ -132,23 +135,40 @@ def read_folder(root: Path, mode: str, size: int, workers: int | None = None) ->
     files = {part: _listing(root / part, classes) for part in parts}
     everything = [f for part in parts for f, _ in files[part]]
     mode = mode or _mode(everything)
-    first = decode(everything[0], mode, size)
-    shape = first.shape if first.ndim == 3 else first.shape + (1,)
+    shape = decode(everything[0], mode, size).shape  # (C, H, W): every image's, or refused
     _check_fits(root, len(everything), shape)
+    workers = workers or os.cpu_count() or 1
+    pool = None
+    if workers > 1 and len(everything) >= 2 * CHUNK:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
     decoded = {}
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+    try:
         for part in parts:
             paths = [f for f, _ in files[part]]
-            out = np.empty((len(paths), shape[2], shape[0], shape[1]), np.uint8)
-            for i, image in enumerate(pool.map(lambda f: decode(f, mode, size), paths)):
-                if image.shape[:2] != shape[:2]:
-                    raise DataError(f"data.folder: {paths[i]} is {image.shape[1]}x"
-                                    f"{image.shape[0]} but {everything[0]} is {shape[1]}x"
-                                    f"{shape[0]}; set data.image_size to resize them")
-                out[i] = image.reshape(shape).transpose(2, 0, 1)
-            decoded[part] = out, np.array([label for _, label in files[part]], np.int64)
+            chunks = [(paths[lo:lo + CHUNK], mode, size, shape, everything[0])
+                      for lo in range(0, len(paths), CHUNK)]
+            done = pool.map(_chunk, chunks) if pool else map(_chunk, chunks)
+            decoded[part] = (np.concatenate(list(done)),
+                             np.array([label for _, label in files[part]], np.int64))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     val = decoded.get("val", (None, None))
     return Arrays(*decoded["train"], *decoded["test"], tuple(classes), *val)
+
+
+def _chunk(job) -> np.ndarray:
+    """Decode files of one shape into one array (N, C, H, W); DataError for another shape."""
+    paths, mode, size, shape, first = job
+    out = np.empty((len(paths), *shape), np.uint8)
+    for i, path in enumerate(paths):
+        image = decode(path, mode, size)
+        if image.shape != shape:
+            raise DataError(f"data.folder: {path} is {image.shape[2]}x{image.shape[1]} but "
+                            f"{first} is {shape[2]}x{shape[1]}; set data.image_size to resize "
+                            "them")
+        out[i] = image
+    return out
 
 
 def _listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
@@ -169,41 +189,46 @@ def _listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
     return listing
 
 
-def _mode(paths: list[Path]) -> str:
-    """L if most images are grey, else RGB (read from their headers only)."""
+def _mode(paths: list[Path], sample: int = 500) -> str:
+    """L if most images are grey, else RGB (read from the headers of an even sample)."""
     from PIL import Image
 
+    chosen = paths[::max(1, len(paths) // sample)]
     grey = 0
-    for path in paths:
+    for path in chosen:
         try:
             with Image.open(path) as img:
                 grey += img.mode in GREY and img.mode != "P"
         except OSError as err:
             raise DataError(f"data.folder: cannot read image {path} ({_first(err)})") from None
-    return "L" if 2 * grey > len(paths) else "RGB"
+    return "L" if 2 * grey > len(chosen) else "RGB"
 
 
 def decode(path: Path, mode: str, size: int) -> np.ndarray:
-    """One image as uint8 H x W (L) or H x W x 3 (RGB), resized and cropped to size x size."""
+    """One image as uint8 C x H x W in `mode` (L: C = 1, RGB: C = 3), with `size` its shorter
+    side resized to it and the centre cropped to a square."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = img.convert(mode)
+            if img.mode != mode:
+                img = img.convert(mode)
             if size:
                 scale = size / min(img.size)
                 img = img.resize((max(size, round(img.width * scale)),
                                   max(size, round(img.height * scale))), Image.BILINEAR)
                 left, top = (img.width - size) // 2, (img.height - size) // 2
                 img = img.crop((left, top, left + size, top + size))
-            return np.asarray(img, dtype=np.uint8)
+            pixels = np.array(img, dtype=np.uint8)  # a copy: writable
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"data.folder: cannot read image {path} ({_first(err)})") from None
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def _check_fits(root: Path, count: int, shape: tuple[int, int, int]) -> None:
     """Refuse a folder whose arrays would not fit Ray's object store (its default size)."""
     need = count * shape[0] * shape[1] * shape[2]
+    shape = shape[1], shape[2], shape[0]  # H, W, C for the message
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
