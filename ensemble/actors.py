@@ -19,7 +19,7 @@ from ensemble.config import NodeType, ResourcesConfig
 from ensemble.distill import Student
 from ensemble.errors import ConfigError
 from ensemble.stacked import StackedStudents
-from ensemble.streaming import StreamTrainer
+from ensemble.streaming import StreamStudent, StreamTrainer
 from ensemble.teacher import evaluate_ensemble, teacher_outputs
 from ensemble.train import Trainer, pick_device
 from specialists.coordinator import coordinate
@@ -79,7 +79,8 @@ def _remote(cls, role: str):
 
 REMOTE = {role: _remote(cls, role) for role, cls in (
     ("generalist", Trainer), ("specialist", SpecialistTrainer), ("student", Student),
-    ("streamed generalist", StreamTrainer), ("stack", StackedStudents))}
+    ("streamed generalist", StreamTrainer), ("streamed student", StreamStudent),
+    ("stack", StackedStudents))}
 
 
 def _on_assigned_device(task):

@@ -28,6 +28,9 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} {rule}, got {value!r}")
 
 
+SOURCES = ("folder", "npz", "factory", "parquet")  # data of one's own (ensemble.sources)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: Literal["mnist", "fashion-mnist", "cifar10", "cifar100"] = "mnist"
@@ -43,6 +46,9 @@ class DataConfig:
     npz: str = ""  # your own arrays: x_train, y_train, x_test, y_test (uint8 images N x H x W
     #   or N x H x W x C; integer labels), optional x_val, y_val and classes (names)
     factory: str = ""  # "package.module:callable" returning those arrays as a mapping
+    parquet: str = ""  # your own Parquet (a folder or URI): ROOT/train/, ROOT/test/, optional
+    #   ROOT/val/, as ensemble.streaming.write_parquet writes them (columns image and label,
+    #   the image shape in the files' metadata); read into memory unless `stream` names ROOT/train
     kwargs: dict[str, Any] = field(default_factory=dict)  # the factory's keyword arguments
     mode: Literal["", "L", "RGB"] = ""  # folder: every image converted to this; "" = the mode
     #   most of them have (L for grey, RGB otherwise)
@@ -63,12 +69,12 @@ class DataConfig:
                  "to be used", self.normalize)
         _require(not (self.normalize and self.stream) or bool(self.mean), "mean",
                  "must be given to normalise a streamed training set", list(self.mean))
-        chosen = [k for k in ("folder", "npz", "factory") if getattr(self, k)]
+        chosen = [k for k in SOURCES if getattr(self, k)]
         _require(len(chosen) <= 1, chosen[-1] if chosen else "folder",
                  f"is one source too many: choose one of {', '.join(chosen)}",
                  getattr(self, chosen[-1]) if chosen else "")
-        _require(not (chosen and self.stream), "stream", "streams only beside a named data set "
-                 "(data.name)", self.stream)
+        _require(not self.stream or chosen in ([], ["parquet"]), "stream", "streams only beside a "
+                 "named data set (data.name) or data.parquet", self.stream)
         _require(not self.factory or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*",
                                                    self.factory) is not None,
                  "factory", "must be 'package.module:callable'", self.factory)
@@ -78,8 +84,8 @@ class DataConfig:
 
     @property
     def source(self) -> str:
-        """'folder', 'npz' or 'factory' for data of one's own, '' for a named set."""
-        return next((k for k in ("folder", "npz", "factory") if getattr(self, k)), "")
+        """'folder', 'npz', 'factory' or 'parquet' for data of one's own, '' for a named set."""
+        return next((k for k in SOURCES if getattr(self, k)), "")
 
 
 @dataclass(frozen=True)
@@ -346,9 +352,11 @@ class RunConfig:
                                   f"believes free); give it a share of a GPU or use device 'auto'")
         if not self.data.source:  # a named set: its classes are known before it is read
             self.check_classes(NUM_CLASSES[self.data.name])
-        _require(not self.data.stream or (not self.students and self.specialists.k == 0),
-                 "data.stream", "trains the generalists only: drop the students and set "
+        _require(not self.data.stream or self.specialists.k == 0, "data.stream",
+                 "gives specialists no in-memory training set to draw their subsets from: set "
                  "specialists.k to 0", self.data.stream)
+        _require(not (self.data.stream and self.stack_students), "stack_students",
+                 "cannot stack streamed students", self.stack_students)
         for name, student in self.students.items():
             _require(student.soft_targets == "generalists" or self.specialists.k > 0,
                      f"students.{name}.soft_targets", "can be 'ensemble' only with specialists "
@@ -356,6 +364,10 @@ class RunConfig:
             _require(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, f"students.{name}",
                      "must be named with letters, digits, '_' and '-' only", name)
             _check_paper_row(name, student, self.students)
+            _require(not self.data.stream or not (student.drop_classes or student.keep_classes
+                                                  or student.transfer_size),
+                     f"students.{name}", "cannot filter or subsample a streamed transfer set "
+                     "(drop_classes, keep_classes, transfer_size)", name)
 
     def check_classes(self, classes: int) -> None:
         """The keys that depend on the data's number of classes (a data set of one's own is

@@ -81,7 +81,7 @@ class Student(Trainer):
         self.targets_from = "none"  # where its soft targets come from (its checkpoints say)
         if not cfg.uses_teacher:
             return
-        if unaugmented(cfg) and outputs is not None:  # the teacher's, computed once for all
+        if unaugmented(cfg) and outputs is not None and not self.streams:  # computed once
             self.targets = soft_targets(outputs[..., torch.from_numpy(keep), :],
                                         self.temperature, cfg.teacher_mean).to(self.device)
             self.targets_from = "shared"
@@ -89,7 +89,7 @@ class Student(Trainer):
         with_specialists = cfg.soft_targets == "ensemble"
         self.teacher = load_teacher(teachers, self.device, cfg.teacher_mean,
                                     specialists if with_specialists else None, specialists_cfg)
-        if unaugmented(cfg):  # its soft targets are computed once
+        if unaugmented(cfg) and not self.streams:  # its soft targets are computed once
             self.targets = self.teacher.probs(self.x, self.temperature)
             self.targets_from = "computed once"
         else:

@@ -81,14 +81,15 @@ class Recipe:
         cfg, specs = self.cfg, []
         teacher_of = {name: "specialists" if scfg.soft_targets == "ensemble" else "generalists"
                       for name, scfg in cfg.students.items()
-                      if scfg.uses_teacher and unaugmented(scfg)}
+                      if scfg.uses_teacher and unaugmented(scfg) and self.stream is None}
         for k, (name, scfg) in enumerate(cfg.students.items()):
             teacher = ("specialists",) if scfg.soft_targets == "ensemble" else ("generalists",)
             if list(teacher_of.values()).count(teacher_of.get(name)) > 1:  # outputs shared
                 teacher += (self._outputs_of(teacher[0]),)
             specs.append(JobSpec(f"student-{name}", "student", f"students.{name}",
                                  cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources,
-                                 scfg.train.epochs, teacher if scfg.uses_teacher else ()))
+                                 scfg.train.epochs, teacher if scfg.uses_teacher else (),
+                                 trainer="streamed student" if self.stream is not None else ""))
         stacks = 0
         for group in self._stacks(specs) if cfg.stack_students else [[s] for s in specs]:
             if len(group) == 1:
@@ -114,8 +115,11 @@ class Recipe:
 
     def _student_args(self, spec: JobSpec):
         scfg = self.cfg.students[spec.key.split(".", 1)[1]]
+        kwargs = self._specialists_kwargs(scfg)
+        if self.stream is not None:
+            kwargs = {**kwargs, "outputs": None, "stream": self.stream}
         return ((spec.name, scfg, self.data, self.teachers if scfg.uses_teacher else [], spec.seed,
-                 scfg.resources.threads), self._specialists_kwargs(scfg))
+                 scfg.resources.threads), kwargs)
 
     def _stack_args(self, stack: JobSpec):
         cfgs = [self.cfg.students[m.key.split(".", 1)[1]] for m in stack.members]

@@ -7,6 +7,8 @@
 - `data.npz`: x_train, y_train, x_test, y_test (uint8 N x H x W or N x H x W x C; integer
   labels), optional x_val, y_val, and classes (names).
 - `data.factory`: "package.module:callable" returning those arrays as a mapping.
+- `data.parquet`: ROOT/train, ROOT/test and optional ROOT/val, Parquet files as
+  ensemble.streaming.write_parquet writes them (the training split can stream instead).
 
 Bad data is refused in one sentence that names the file or key (DataError).
 """
@@ -44,6 +46,8 @@ def read(cfg) -> Arrays:
     """The arrays of `cfg` (a DataConfig naming a folder, an npz file or a factory)."""
     if cfg.folder:
         return read_folder(Path(cfg.folder).expanduser(), cfg.mode, cfg.image_size)
+    if cfg.parquet:
+        return read_parquet(cfg.parquet, with_train=not cfg.stream)
     if cfg.npz:
         path = Path(cfg.npz).expanduser()
         if not path.is_file():
@@ -121,6 +125,60 @@ def _labels(y, n: int, what: str) -> np.ndarray:
     if len(y) != n:
         raise DataError(f"{what} holds {len(y)} labels for {n} images")
     return y.astype(np.int64)
+
+
+# ---------------------------------------------------------------- Parquet -------------------------
+def read_parquet(root: str, with_train: bool = True) -> Arrays:
+    """ROOT/train, ROOT/test and optional ROOT/val as ensemble.streaming.write_parquet writes
+    them, by path or URI; without the training split when it streams (data.stream)."""
+    import json
+
+    found, shapes, names = {}, set(), None
+    for part in ("train", "val", "test"):
+        if part == "train" and not with_train:
+            continue
+        location = f"{str(root).rstrip('/')}/{part}"
+        table, meta = _parquet_table(location, required=part != "val")
+        if table is None:
+            continue
+        if b"image_shape" not in meta:
+            raise DataError(f"data.parquet: {location} has no image_shape in its metadata "
+                            "(write it with ensemble.streaming.write_parquet)")
+        shape = tuple(int(d) for d in meta[b"image_shape"].decode().split(","))
+        shapes.add(shape)
+        names = names or (json.loads(meta[b"classes"]) if b"classes" in meta else None)
+        pixels = np.frombuffer(b"".join(table.column("image").to_pylist()), np.uint8)
+        found[f"x_{part}"] = pixels.reshape(-1, *shape).transpose(0, 2, 3, 1) \
+            if len(shape) == 3 else pixels.reshape(-1, *shape)
+        found[f"y_{part}"] = table.column("label").to_numpy()
+    if len(shapes) > 1:
+        raise DataError(f"data.parquet: {root}'s splits hold images of different shapes "
+                        f"{sorted(shapes)}")
+    if not with_train and "x_val" not in found:
+        raise DataError(f"data.parquet: {root} needs a val/ split when its training split "
+                        "streams (data.stream): none can be held out of a stream")
+    if not with_train:  # the images stream: only their shape is needed here
+        found["x_train"] = np.zeros((0, *next(iter(shapes))), np.uint8).transpose(0, 2, 3, 1)
+        found["y_train"] = np.zeros(0, np.int64)
+    if names is not None:
+        found["classes"] = np.array(names)
+    return from_mapping(found, f"data.parquet {root}")
+
+
+def _parquet_table(location: str, required: bool):
+    """(table of image and label, schema metadata) of the Parquet files at `location`."""
+    import pyarrow.dataset as pads
+
+    try:
+        ds = pads.dataset(location, format="parquet")
+        table = ds.to_table(columns=["image", "label"])
+    except (FileNotFoundError, OSError) as err:
+        if not required:
+            return None, {}
+        raise DataError(f"data.parquet: cannot read {location} ({_first(err)})") from None
+    except Exception as err:  # pyarrow raises several types for files it cannot use
+        raise DataError(f"data.parquet: cannot read {location} ({_first(err)})") from None
+    return table, ds.schema.metadata or {}
 
 
 # ---------------------------------------------------------------- image folders ------------------

@@ -1,8 +1,9 @@
 """Training examples streamed through Ray Data (`data.stream`), for data sets larger than memory.
 
 The driver opens the Parquet files lazily (`open_stream`) and hands the Dataset to each
-generalist's actor; `StreamTrainer` pulls one epoch's batches from it, decoding each batch's
-images to the same float tensors the in-memory path uses. With `train.shuffle: false` both paths
+generalist's and student's actor; `StreamTrainer` and `StreamStudent` pull one epoch's batches
+from it, decoding each batch's images to the same float tensors the in-memory path uses (a
+streamed student asks its teacher for each batch's soft targets). With `train.shuffle: false` both paths
 see the same batches in the same order and train to identical weights (tested); with shuffling
 on, each epoch draws a seeded order from a shuffle buffer as the rows stream past.
 """
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.data import augment, to_device
+from ensemble.distill import Student, distillation_loss
 from ensemble.errors import DataError
 from ensemble.train import Trainer
 
@@ -54,14 +56,10 @@ def _first_sentence(err: Exception) -> str:
     return text.split(". ", 1)[0].rstrip(".")
 
 
-class StreamTrainer(Trainer):
-    """A Trainer whose training examples come from a Ray Data Dataset, one batch at a time."""
+class Streamed:
+    """Training examples from a Ray Data Dataset (`self.stream`), one batch at a time."""
     streams = True
-
-    def __init__(self, name, model_cfg, train_cfg, data, seed, threads=1, device="auto",
-                 stream=None):
-        super().__init__(name, model_cfg, train_cfg, data, seed, threads, device)
-        self.stream = stream
+    stream = None
 
     def epoch_batches(self):
         shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER,
@@ -76,19 +74,52 @@ class StreamTrainer(Trainer):
             yield (to_device(pixels.reshape(shape), self.device),
                    torch.as_tensor(batch["label"], dtype=torch.int64, device=self.device))
 
-    def batch_loss(self, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(self.forward(augment(x, self.cfg, self.batches)), y,
-                               label_smoothing=self.cfg.label_smoothing)
-
     @staticmethod
     def batch_size_of(batch) -> int:
         return len(batch[1])
 
 
-def write_parquet(path, images: np.ndarray, labels: np.ndarray, rows_per_file: int = 0) -> None:
-    """Write uint8 images (N,C,H,W) and labels as the Parquet files `data.stream` reads: one
-    file, or one per `rows_per_file` rows, in the folder `path`."""
+class StreamTrainer(Streamed, Trainer):
+    """A generalist trained on a stream."""
+
+    def __init__(self, name, model_cfg, train_cfg, data, seed, threads=1, device="auto",
+                 stream=None):
+        super().__init__(name, model_cfg, train_cfg, data, seed, threads, device)
+        self.stream = stream
+
+    def batch_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.forward(augment(x, self.cfg, self.batches)), y,
+                               label_smoothing=self.cfg.label_smoothing)
+
+
+class StreamStudent(Streamed, Student):
+    """A student whose transfer set is a stream: its teacher gives each batch's soft targets
+    (the batch as augmented, when it is)."""
+
+    def __init__(self, name, cfg, data, teachers, seed, threads=1, device="auto",
+                 specialists=(), specialists_cfg=None, outputs=None, stream=None):
+        super().__init__(name, cfg, data, teachers, seed, threads, device, specialists,
+                         specialists_cfg)
+        self.stream = stream
+
+    def batch_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        xb = augment(x, self.cfg, self.batches)
+        logits = self.forward(xb)
+        if self.teacher is None:  # hard labels only
+            return F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        return distillation_loss(logits, self.teacher.probs(xb, self.temperature), y,
+                                 self.temperature, self.alpha, self.cfg.label_smoothing)
+
+
+def write_parquet(path, images: np.ndarray, labels: np.ndarray, rows_per_file: int = 0,
+                  classes=None) -> None:
+    """Write uint8 images (N,C,H,W) and labels as the Parquet files `data.stream` and
+    `data.parquet` read: one file, or one per `rows_per_file` rows, in the folder `path`; the
+    image shape (and the class names, if given) in each file's metadata."""
+    import json
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pathlib import Path
@@ -100,4 +131,8 @@ def write_parquet(path, images: np.ndarray, labels: np.ndarray, rows_per_file: i
         chunk = images[lo:lo + step]
         table = pa.table({"image": [row.tobytes() for row in chunk],
                           "label": labels[lo:lo + step].astype(np.int64)})
+        meta = {"image_shape": ",".join(map(str, images.shape[1:]))}
+        if classes is not None:
+            meta["classes"] = json.dumps([str(c) for c in classes])
+        table = table.replace_schema_metadata(meta)
         pq.write_table(table, folder / f"part-{i:05d}.parquet")

@@ -274,6 +274,18 @@ def _npz(change):
     return make
 
 
+def _bare_parquet(tmp):
+    """Parquet files of images and labels, but not as write_parquet writes them (no shape)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for part in ("train", "test"):
+        (tmp / "pq" / part).mkdir(parents=True)
+        pq.write_table(pa.table({"image": [bytes(64)] * 4, "label": [0, 1, 0, 1]}),
+                       tmp / "pq" / part / "a.parquet")
+    return f"{{parquet: {tmp / 'pq'}, val_size: 1}}"
+
+
 def broken(**kwargs):
     """A data factory that fails as its kwargs say (named in test configs)."""
     if kwargs.get("raise_"):
@@ -292,6 +304,9 @@ DATA = {  # data of one's own spoilt: (data section factory, words of the one se
                                 "y_train must lie in [0, 1)"),
     "npz of float images": (_npz(lambda a: a.update(x_train=np.zeros((10, 8, 8)))),
                             "must be uint8 images"),
+    "parquet without its image shape": (lambda tmp: _bare_parquet(tmp), "has no image_shape"),
+    "parquet without a test split": (lambda tmp: f"{{parquet: {tmp / 'nothing'}}}",
+                                     "data.parquet: cannot read"),
     "factory that raises": (lambda tmp: "{factory: 'tests.test_cli:broken', "
                                         "kwargs: {raise_: true}}",
                             "raised ValueError: the bucket is empty"),

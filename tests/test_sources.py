@@ -124,3 +124,26 @@ students: {{s: {{model: {{hidden: [16]}}, train: {{epochs: 1, batch_size: 40}}}}
         expected = model(as_float(to_pixels(data.test_x[mine], torch.device("cpu")))).argmax(1)
     said = [line.split(": ", 1)[1].split()[0] for line in lines[1:]]
     assert said == [f"c{c}" for c in expected.tolist()]  # the class names of the folders
+
+
+def test_parquet_train_validation_and_test_alike(tmp_path):
+    pytest.importorskip("pyarrow")
+    from ensemble.errors import DataError
+    from ensemble.streaming import write_parquet
+
+    arrays = make_arrays(60)
+    root = tmp_path / "pq"
+    x = {p: arrays[f"x_{p}"].transpose(0, 3, 1, 2) for p in ("train", "test")}
+    write_parquet(root / "train", x["train"], arrays["y_train"], rows_per_file=25,
+                  classes=arrays["classes"])
+    write_parquet(root / "test", x["test"], arrays["y_test"])
+    s = load_splits(DataConfig(parquet=str(root), val_size=10), None)
+    assert s.classes == ("ant", "bee", "cat", "dog") and s.image_shape == (3, 8, 8)
+    assert sorted(map(bytes, np.concatenate([s.train_x, s.val_x]))) == \
+        sorted(map(bytes, x["train"]))
+    np.testing.assert_array_equal(s.test_x, x["test"])
+    with pytest.raises(DataError, match="needs a val/ split when its training split streams"):
+        load_splits(DataConfig(parquet=str(root), stream=str(root / "train")), None)
+    write_parquet(root / "val", x["test"][:10], arrays["y_test"][:10])
+    streamed = load_splits(DataConfig(parquet=str(root), stream=str(root / "train")), None)
+    assert len(streamed.train_y) == 0 and len(streamed.val_y) == 10  # train comes as a stream

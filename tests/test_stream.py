@@ -1,5 +1,5 @@
-"""Generalists trained on a Ray Data stream of Parquet files (data.stream) against the same
-training examples held in memory: identical weights when both keep the data's order."""
+"""Generalists and students trained on a Ray Data stream of Parquet files (data.stream) against
+the same training examples held in memory: the same weights when both keep the data's order."""
 import numpy as np
 import pytest
 import torch
@@ -54,12 +54,67 @@ def test_streamed_training_matches_in_memory(ray_session, tmp_path, capsys):
     assert meta["summary"]["test_errors"] < 0.5 * 200
 
 
-def test_stream_refuses_students(data_root, tmp_path, capsys):
+STUDENT = """
+name: stream-student
+data: {parquet: PARQUET, val_size: 0}
+generalists:
+  model: {hidden: [64], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 2, batch_size: 64, lr: 0.2, shuffle: false}
+students:
+  s:
+    model: {hidden: [32]}
+    train: {epochs: 2, batch_size: 64, lr: 0.1, shuffle: false}
+    temperature: 4.0
+"""
+
+
+def test_a_student_distils_from_a_stream_with_validation_and_test_from_parquet(
+        ray_session, tmp_path, capsys):
+    """data.parquet gives train, validation and test alike; with data.stream naming its train/
+    the generalist and the student both stream, the student asking its teacher for each
+    batch's soft targets, and they end where the same run in memory ends (the generalist to
+    the bit; the student within the rounding of soft targets computed per batch rather than
+    for the whole set at once)."""
+    from ensemble.streaming import write_parquet
+
+    data = write_mnist_like(tmp_path / "data", n_train=1500, n_test=200)
+    splits = load_splits(DataConfig(val_size=200, download=False), data)
+    root = tmp_path / "parquet"
+    for part, x, y in (("train", splits.train_x, splits.train_y),
+                       ("val", splits.val_x, splits.val_y), ("test", splits.test_x, splits.test_y)):
+        write_parquet(root / part, x, y, rows_per_file=500, classes=splits.classes)
     config = tmp_path / "c.yaml"
-    config.write_text(CONFIG + "students: {s: {model: {hidden: [8]}}}\n")
+    config.write_text(STUDENT.replace("PARQUET", str(root)))
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "memory")]) == 0
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "streamed"),
+                 "--set", f"data.stream={root / 'train'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"training streamed from {root / 'train'}" in out and "200 test images" in out
+
+    def state(run, name):
+        blob, meta = checkpoint.load_latest(run / "checkpoints" / name)
+        return {k: v for k, v in checkpoint.loads(blob)[0].items() if k.startswith("model.")}, meta
+    for key, value in state(tmp_path / "memory", "generalist-0")[0].items():
+        assert torch.equal(value, state(tmp_path / "streamed", "generalist-0")[0][key]), key
+    memory, _ = state(tmp_path / "memory", "student-s")
+    streamed, meta = state(tmp_path / "streamed", "student-s")
+    assert meta["targets_from"] == "per batch" and meta["summary"]["test_errors"] < 0.5 * 200
+    for key, value in memory.items():
+        torch.testing.assert_close(streamed[key], value, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("specialists: {k: 2}\n", "data.stream gives specialists no in-memory training set"),
+    ("students: {s: {model: {hidden: [8]}, drop_classes: [3]}}\n",
+     "students.s cannot filter or subsample a streamed transfer set"),
+])
+def test_stream_refuses_what_needs_the_training_set_in_memory(extra, message, data_root,
+                                                              tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG + extra)
     assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir",
                  str(tmp_path / "r"), "--set", f"data.stream={tmp_path}"]) == 2
-    assert "data.stream trains the generalists only" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
