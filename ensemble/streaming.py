@@ -3,9 +3,11 @@
 The driver opens the Parquet files lazily (`open_stream`) and hands the Dataset to each
 generalist's and student's actor; `StreamTrainer` and `StreamStudent` pull one epoch's batches
 from it, decoding each batch's images to the same float tensors the in-memory path uses (a
-streamed student asks its teacher for each batch's soft targets). With `train.shuffle: false` both paths
-see the same batches in the same order and train to identical weights (tested); with shuffling
-on, each epoch draws a seeded order from a shuffle buffer as the rows stream past.
+streamed student asks its teacher for each batch's soft targets); Ray Data reads PREFETCH
+batches ahead, and on CUDA a batch goes from pinned memory without blocking. With
+`train.shuffle: false` both paths see the same batches in the same order and train to the
+same weights (tested); with shuffling on, each epoch draws a seeded order from a shuffle
+buffer as the rows stream past.
 """
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble.data import augment, to_device
+from ensemble.data import as_float, augment
 from ensemble.distill import Student, distillation_loss
 from ensemble.errors import DataError
 from ensemble.train import Trainer
 
 SHUFFLE_BUFFER = 20_000  # rows; a window of the stream, not a global shuffle
+PREFETCH = 2  # batches Ray Data reads ahead while the model trains on the current one
 
 
 def open_stream(source: str):
@@ -65,14 +68,20 @@ class Streamed:
         shuffle = {"local_shuffle_buffer_size": SHUFFLE_BUFFER,
                    "local_shuffle_seed": self.seed + self.epoch} if self.cfg.shuffle else {}
         shape = (-1, *self.image_shape)
+        cuda = self.device.type == "cuda"  # pinned host memory, copies beside the compute
         for batch in self.stream.iter_batches(batch_size=self.cfg.batch_size,
-                                              batch_format="numpy", **shuffle):
-            pixels = np.frombuffer(b"".join(batch["image"]), np.uint8)
+                                              batch_format="numpy", prefetch_batches=PREFETCH,
+                                              **shuffle):
+            pixels = np.frombuffer(bytearray(b"".join(batch["image"])), np.uint8)  # writable
             if pixels.size != len(batch["label"]) * int(np.prod(self.image_shape)):
                 raise DataError(f"{self.name}: the streamed images are not of shape "
                                 f"{self.image_shape} (uint8)")
-            yield (to_device(pixels.reshape(shape), self.device),
-                   torch.as_tensor(batch["label"], dtype=torch.int64, device=self.device))
+            x = torch.from_numpy(pixels.reshape(shape))
+            y = torch.as_tensor(batch["label"], dtype=torch.int64)
+            if cuda:
+                x, y = x.pin_memory(), y.pin_memory()
+            yield (as_float(x.to(self.device, non_blocking=cuda)),
+                   y.to(self.device, non_blocking=cuda))
 
     @staticmethod
     def batch_size_of(batch) -> int:
