@@ -264,3 +264,59 @@ def test_ctrl_c_while_models_queue_stops_at_once_and_leaves_nothing(tmp_path, sc
         time.sleep(0.2)
     assert not [p for p in started if p.is_running()], "processes left behind"
     assert not list(scratch.glob("ray*")), "Ray's temporary directory was left behind"
+
+
+STAGES = """
+name: stages
+data: {val_size: 200, download: false}
+generalists:
+  model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+specialists:
+  k: 2
+  train: {epochs: 25, batch_size: 50, lr: 0.1, jitter: 0}
+students:
+  s: {model: {hidden: [16]}, train: {epochs: 25, batch_size: 50, lr: 0.3}, soft_targets: ensemble}
+"""
+
+
+@pytest.mark.parametrize("stage, marker", [
+    ("specialists being started", "subsets.json"),
+    ("specialists training", "checkpoints/specialist-0/epoch-0001.safetensors"),
+    ("a student of the ensemble training", "checkpoints/student-s/epoch-0001.safetensors"),
+])
+def test_ctrl_c_at_each_stage_stops_and_resumes_to_the_end(stage, marker, tmp_path, scratch):
+    """Ctrl-C once `marker` appears: exit 130 within seconds, no process of the run left; then
+    --resume finishes every model."""
+    data = write_mnist_like(tmp_path / "data", n_train=2000, n_test=200)
+    config = tmp_path / "c.yaml"
+    config.write_text(STAGES)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "ensemble.cli", "run", "--data-dir", str(data)]
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    driver = subprocess.Popen(command + [str(config), "--run-dir", str(run)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=env, start_new_session=True, preexec_fn=default_sigint)
+    try:
+        wait_for(run / marker, driver)
+        started = psutil.Process(driver.pid).children(recursive=True)
+        os.killpg(driver.pid, signal.SIGINT)
+        sent = time.time()
+        err = driver.communicate(timeout=120)[1]
+        took = time.time() - sent
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err
+    assert took < 30, (stage, took)
+    deadline = time.time() + 30
+    while any(p.is_running() for p in started) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if p.is_running()], f"processes left behind ({stage})"
+    resumed = subprocess.run(command + ["--resume", str(run)], capture_output=True, text=True,
+                             env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    models = json.loads((run / "metrics.json").read_text())["models"]
+    assert {m["status"] for m in models.values()} == {"finished"}, stage
+    assert {"generalist-0", "student-s"} <= set(models) and \
+        any(n.startswith("specialist-") for n in models)
