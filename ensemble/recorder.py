@@ -126,8 +126,9 @@ class Recorder:
         self.tracker.line(f"{job.name:<16} failed: {job.error}")
 
     def write(self, scheduler) -> None:
-        """metrics.json as it stands, mirrored to the run's URI if it has one."""
-        self._later(self._metrics, self.results(scheduler))
+        """metrics.json as it stands (the models begun so far: a queue of thousands costs
+        nothing per epoch), mirrored to the run's URI if it has one."""
+        self._later(self._metrics, self.results(scheduler, begun_only=True))
 
     # ------------------------------------------------------------ files, in the background ------
     def _save(self, name: str, epoch: int, blob: bytes) -> None:
@@ -159,14 +160,16 @@ class Recorder:
         finally:
             self._files.shutdown()
 
-    def results(self, scheduler) -> dict[str, dict]:
-        """Every model: its role, status, error, placement, summary and epochs (metrics.json)."""
+    def results(self, scheduler, begun_only: bool = False) -> dict[str, dict]:
+        """Every model (or those begun: started, trained or failed): its role, status, error,
+        placement, summary and epochs (metrics.json)."""
         return {job.name: {"role": job.spec.role, "status": job.status(), "error": job.error,
                            "test_size": len(self.splits.test_y), "val_size": len(self.splits.val_y),
                            "placement": job.placement, "started_at": job.started_at,
                            "summary": job.summary,
                            "history": job.history}
-                for job in scheduler.models()}
+                for job in scheduler.models()
+                if not begun_only or job.started_at is not None or job.history or job.error}
 
 
 def model_hparams(cfg: RunConfig, spec) -> dict:
