@@ -5,7 +5,7 @@ sampled every 3 s for --seconds, then Ctrl-C; how long the driver took to stop.
     python benchmarks/queue_memory.py [--counts 2 100000] [--seconds 24]
                                       [--out results/queue_memory.md]
 
-The models are small MLPs on synthetic digits, long enough (200 epochs) that none finishes
+The models are small MLPs on synthetic digits, long enough (100,000 epochs) that none ends
 while it is sampled: what differs between the runs is only how many models wait.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tests.conftest import write_mnist_like  # noqa: E402
 
 CONFIG = """name: queue
 data: {val_size: 100, download: false}
-generalists: {count: COUNT, model: {hidden: [16]}, train: {epochs: 200, batch_size: 50}}
+generalists: {count: COUNT, model: {hidden: [16]}, train: {epochs: 100000, batch_size: 50}}
 """
 
 
