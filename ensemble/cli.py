@@ -213,6 +213,15 @@ def _check_models(cfg: RunConfig, splits) -> None:
     models += [(f"students.{name}.model", s.model) for name, s in cfg.students.items()]
     for key, model in models:
         check_model(model, key, splits.image_shape, splits.num_classes)
+    if cfg.data.stream:
+        return
+    from ensemble.data import transfer_mask
+
+    for name, s in cfg.students.items():  # a filter the data leave nothing of
+        if not transfer_mask(splits.train_y, s.drop_classes, s.keep_classes,
+                             s.transfer_size).any():
+            raise ConfigError(f"students.{name}: its transfer set is empty: the training "
+                              "split holds no image of the classes it keeps")
 
 
 def _generalists_from_weights(cfg: RunConfig, splits) -> dict[str, bytes]:

@@ -326,3 +326,20 @@ def test_bad_data_of_ones_own(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and err.startswith("ensemble: error:") and err.count("\n") == 1, err
     assert not run_dir.exists()
+
+
+def test_bad_student_whose_filter_leaves_no_training_image(tmp_path, capsys):
+    """Classes the data name but never show in training: a student keeping only those would
+    have nothing to learn from, found before anything starts."""
+    arrays = {"x_train": np.zeros((10, 8, 8), np.uint8), "y_train": np.arange(10) % 2,
+              "x_test": np.zeros((4, 8, 8), np.uint8), "y_test": np.arange(4) % 3,
+              "classes": np.array(["a", "b", "c"])}
+    np.savez(tmp_path / "d.npz", **arrays)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: t\ndata: {{npz: {tmp_path / 'd.npz'}, val_size: 2}}\n"
+                      "generalists: {model: {hidden: [16]}, train: {epochs: 2}}\n"
+                      "students: {s: {model: {hidden: [8]}, keep_classes: [2]}}\n")
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "students.s: its transfer set is empty" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
