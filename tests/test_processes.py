@@ -70,6 +70,38 @@ def wait_for(path: Path, proc: subprocess.Popen, limit: float = 180):
         time.sleep(0.02)
 
 
+def ctrl_c(driver: subprocess.Popen) -> tuple[str, float]:
+    """Ctrl-C as a terminal sends it (to the driver's process group): (its stderr, seconds
+    until it ended); SIGKILL if it never does."""
+    os.killpg(driver.pid, signal.SIGINT)
+    sent = time.time()
+    try:
+        err = driver.communicate(timeout=120)[1]
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    return err, time.time() - sent
+
+
+def started_when(path: Path, driver: subprocess.Popen) -> list:
+    """The processes the driver has started once `path` exists (the driver killed if it never
+    does)."""
+    try:
+        wait_for(path, driver)
+        return psutil.Process(driver.pid).children(recursive=True)
+    except BaseException:
+        os.killpg(driver.pid, signal.SIGKILL)
+        raise
+
+
+def left_behind(started: list, limit: float = 30) -> list:
+    """Those of `started` still running after up to `limit` seconds."""
+    deadline = time.time() + limit
+    while any(p.is_running() for p in started) and time.time() < deadline:
+        time.sleep(0.2)
+    return [p for p in started if p.is_running()]
+
+
 @pytest.mark.parametrize("end", ["normal", "error", "interrupt"])
 def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch):
     data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
@@ -192,7 +224,7 @@ def test_placement_spreads_and_packs_fractional_gpus(tmp_path, scratch):
         assert not list((tmp_path / f"node-{kind}").iterdir())
 
 
-NO_GPU_ASKED = """
+ENSEMBLE_RUN = """
 name: cpus
 data: {val_size: 200, download: false}
 generalists:
@@ -200,11 +232,12 @@ generalists:
   train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
 specialists:
   k: 2
-  train: {epochs: 1, batch_size: 50, lr: 0.1, jitter: 0}
+  train: {epochs: EPOCHS, batch_size: 50, lr: 0.1, jitter: 0}
 students:
-  from-ensemble: {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50}, temperature: 2.0,
-                  soft_targets: ensemble}
-"""
+  from-ensemble: {model: {hidden: [16]}, train: {epochs: EPOCHS, batch_size: 50},
+                  temperature: 2.0, soft_targets: ensemble}
+"""  # generalist, coordinator, specialists, then a student of the ensemble
+NO_GPU_ASKED = ENSEMBLE_RUN.replace("EPOCHS", "1")
 
 
 def test_models_that_ask_for_no_gpu_stay_on_cpu_where_cuda_seems_present(tmp_path, scratch):
@@ -246,77 +279,42 @@ def test_ctrl_c_while_models_queue_stops_at_once_and_leaves_nothing(tmp_path, sc
          "--run-dir", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "TMPDIR": str(scratch)}, start_new_session=True,
         preexec_fn=default_sigint)
-    try:
-        wait_for(run / "config.yaml", driver)  # written just before the first actors start
-        started = psutil.Process(driver.pid).children(recursive=True)
-        os.killpg(driver.pid, signal.SIGINT)
-        sent = time.time()
-        err = driver.communicate(timeout=120)[1]
-        took = time.time() - sent
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    started = started_when(run / "config.yaml", driver)  # just before the first actors start
+    err, took = ctrl_c(driver)
     assert driver.returncode == 130, err
     assert f"interrupted; continue with: ensemble run --resume {run}" in err, err
     assert took < 30, took
-    deadline = time.time() + 30
-    while any(p.is_running() for p in started) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in started if p.is_running()], "processes left behind"
+    assert not left_behind(started), "processes left behind"
     assert not list(scratch.glob("ray*")), "Ray's temporary directory was left behind"
-
-
-STAGES = """
-name: stages
-data: {val_size: 200, download: false}
-generalists:
-  model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
-  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
-specialists:
-  k: 2
-  train: {epochs: 25, batch_size: 50, lr: 0.1, jitter: 0}
-students:
-  s: {model: {hidden: [16]}, train: {epochs: 25, batch_size: 50, lr: 0.3}, soft_targets: ensemble}
-"""
 
 
 @pytest.mark.parametrize("stage, marker", [
     ("specialists being started", "subsets.json"),
     ("specialists training", "checkpoints/specialist-0/epoch-0001.safetensors"),
-    ("a student of the ensemble training", "checkpoints/student-s/epoch-0001.safetensors"),
+    ("a student of the ensemble training",
+     "checkpoints/student-from-ensemble/epoch-0001.safetensors"),
 ])
 def test_ctrl_c_at_each_stage_stops_and_resumes_to_the_end(stage, marker, tmp_path, scratch):
     """Ctrl-C once `marker` appears: exit 130 within seconds, no process of the run left; then
     --resume finishes every model."""
     data = write_mnist_like(tmp_path / "data", n_train=2000, n_test=200)
     config = tmp_path / "c.yaml"
-    config.write_text(STAGES)
+    config.write_text(ENSEMBLE_RUN.replace("EPOCHS", "25"))
     run = tmp_path / "run"
     command = [sys.executable, "-m", "ensemble.cli", "run", "--data-dir", str(data)]
     env = {**os.environ, "TMPDIR": str(scratch)}
     driver = subprocess.Popen(command + [str(config), "--run-dir", str(run)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env=env, start_new_session=True, preexec_fn=default_sigint)
-    try:
-        wait_for(run / marker, driver)
-        started = psutil.Process(driver.pid).children(recursive=True)
-        os.killpg(driver.pid, signal.SIGINT)
-        sent = time.time()
-        err = driver.communicate(timeout=120)[1]
-        took = time.time() - sent
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    started = started_when(run / marker, driver)
+    err, took = ctrl_c(driver)
     assert driver.returncode == 130, err
     assert took < 30, (stage, took)
-    deadline = time.time() + 30
-    while any(p.is_running() for p in started) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in started if p.is_running()], f"processes left behind ({stage})"
+    assert not left_behind(started), f"processes left behind ({stage})"
     resumed = subprocess.run(command + ["--resume", str(run)], capture_output=True, text=True,
                              env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     models = json.loads((run / "metrics.json").read_text())["models"]
     assert {m["status"] for m in models.values()} == {"finished"}, stage
-    assert {"generalist-0", "student-s"} <= set(models) and \
+    assert {"generalist-0", "student-from-ensemble"} <= set(models) and \
         any(n.startswith("specialist-") for n in models)
