@@ -98,7 +98,9 @@ def teacher_label(cfg: RunConfig) -> str:
     """The table's teacher row: its layers and what regularised it (§3: dropout, max-norm,
     jitter)."""
     model, train = cfg.generalists.model, cfg.generalists.train
-    parts = [f"teacher 784-{'-'.join(map(str, model.hidden))}-10"]
+    layers = model.factory or model.kind if model.factory or model.kind != "mlp" else \
+        f"784-{'-'.join(map(str, model.hidden))}-10"  # §3's notation for its MLPs
+    parts = [f"teacher {layers}"]
     parts += [what for what, on in (("dropout", model.dropout_in or model.dropout_hidden),
                                     ("max-norm", model.max_norm), ("jitter", train.jitter),
                                     ("elastic distortion", train.elastic)) if on]

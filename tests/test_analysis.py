@@ -109,3 +109,14 @@ def test_seeds_section_pools_runs_by_key():
     assert "x (a) 20, x-s1 (b) 24" in rows[0]
     assert not any(line.startswith("| y ") for line in lines)  # one seed: no row
     assert analysis.seeds_section([]) == []
+
+
+def test_teacher_label_names_the_teachers_layers_or_kind():
+    from ensemble.config import RunConfig, parse
+
+    mlp = parse(RunConfig, {"generalists": {"model": {"hidden": [1200, 1200], "max_norm": 3.9}}})
+    assert analysis.teacher_label(mlp) == "teacher 784-1200-1200-10, dropout, max-norm, jitter"
+    zoo = parse(RunConfig, {"generalists": {"model": {"kind": "resnet8x4", "dropout_in": 0.0,
+                                                      "dropout_hidden": 0.0},
+                                            "train": {"jitter": 0}}})
+    assert analysis.teacher_label(zoo) == "teacher resnet8x4"
