@@ -31,7 +31,7 @@ from ensemble.config import ResourcesConfig, RunConfig, StudentConfig, to_dict
 from ensemble.data import Splits, labels_to_device, load_splits, to_device
 from ensemble.errors import ConfigError
 from ensemble.models import load_model
-from ensemble.rundir import RunDir, table4_section
+from ensemble.rundir import RunDir, table4_section, uncreatable
 from ensemble.train import predict_logits
 
 SHIFTS = torch.arange(0.0, 15.01, 0.25)  # bias shifts tried, in logits
@@ -408,6 +408,9 @@ def tables(runs: list[RunDir], out: Path, data_dir: str | None = None, title: st
     """The analysis of runs[0] (its students pooled with those of runs[1:]) as Markdown, written
     to `out` with its figures beside it; `title` and `how` head it."""
     run, pools = runs[0], runs[1:]
+    why = uncreatable(out)
+    if why:
+        raise ConfigError(f"cannot write the table to {out}: {why}")
     cfg = run.load_config()
     if not any(n.startswith("generalist-") and run.latest(n) for n in run.models()):
         raise ConfigError(f"{run.location} holds no generalist checkpoint: nothing to analyse")

@@ -23,6 +23,9 @@ from ensemble.errors import ConfigError
 NUM_CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
+FACTORY = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # "package.module:callable"
+
+
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key} {rule}, got {value!r}")
@@ -75,8 +78,7 @@ class DataConfig:
                  getattr(self, chosen[-1]) if chosen else "")
         _require(not self.stream or chosen in ([], ["parquet"]), "stream", "streams only beside a "
                  "named data set (data.name) or data.parquet", self.stream)
-        _require(not self.factory or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*",
-                                                   self.factory) is not None,
+        _require(not self.factory or FACTORY.fullmatch(self.factory) is not None,
                  "factory", "must be 'package.module:callable'", self.factory)
         _require(bool(self.factory) or not self.kwargs, "kwargs", "belong to a factory",
                  self.kwargs)
@@ -109,8 +111,7 @@ class ModelConfig:
         for key in ("dropout_in", "dropout_hidden"):
             value = getattr(self, key)
             _require(0.0 <= value < 1.0, key, "must be in [0, 1)", value)
-        _require(not self.factory or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*",
-                                                   self.factory) is not None,
+        _require(not self.factory or FACTORY.fullmatch(self.factory) is not None,
                  "factory", "must be 'package.module:callable'", self.factory)
         _require(bool(self.factory) or not (self.kwargs or self.head), "factory",
                  "is needed for kwargs and head (they belong to a factory's model)", self.factory)
@@ -510,6 +511,15 @@ def parse(cls: type, raw: Any, path: str = "", base: Any = None) -> Any:
         if path and not str(err).startswith(path):
             raise ConfigError(f"{path}.{err}") from None
         raise
+
+
+def saved_as(cls: type, raw: Any, expected: Any) -> bool:
+    """Whether config `raw`, saved earlier (a checkpoint's), is `expected`: compared as parsed
+    configs, so keys added since it was saved take their defaults."""
+    try:
+        return parse(cls, raw) == expected
+    except ConfigError:
+        return False
 
 
 def _join(path: str, key: Any) -> str:

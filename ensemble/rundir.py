@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ensemble import checkpoint
-from ensemble.config import ModelConfig, RunConfig, parse, to_dict
+from ensemble.config import ModelConfig, RunConfig, parse, saved_as, to_dict
 from ensemble.errors import CheckpointError, ConfigError
 
 
@@ -121,15 +121,9 @@ class RunDir:
         that exists must take a new folder (tried, and removed again)."""
         if self.fs is not None:
             return
-        parent = self.path.absolute().parent
-        while not parent.exists():
-            parent = parent.parent
-        try:
-            probe = tempfile.mkdtemp(prefix=".ensemble-probe-", dir=parent)
-        except OSError as err:
-            raise ConfigError(f"cannot create the run directory {self.location}: {parent} "
-                              f"takes no new folder ({err.strerror})") from None
-        Path(probe).rmdir()
+        why = uncreatable(self.path)
+        if why:
+            raise ConfigError(f"cannot create the run directory {self.location}: {why}")
 
     def create(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -157,11 +151,7 @@ class RunDir:
             else:
                 raise CheckpointError(f"{self.checkpoints(name)} belongs to no model of this "
                                       "run's config")
-            try:  # compared as configs: keys added since it was saved take their defaults
-                same = parse(ModelConfig, saved[1].get("model"), "model") == expected
-            except ConfigError:
-                same = False
-            if not same:
+            if not saved_as(ModelConfig, saved[1].get("model"), expected):
                 raise CheckpointError(f"the checkpoint in {self.checkpoints(name)} was saved for "
                                       f"another architecture than {name}'s")
 
@@ -193,6 +183,20 @@ class RunDir:
             timings_section(timings, models)
         checkpoint.write_atomic(self.path / "summary.md", text.encode())
         return text
+
+
+def uncreatable(path: Path) -> str | None:
+    """Why `path` cannot be made (the nearest folder above it that exists takes no new folder:
+    tried, and removed again), or None."""
+    parent = Path(path).absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        probe = tempfile.mkdtemp(prefix=".ensemble-probe-", dir=parent)
+    except OSError as err:
+        return f"{parent} takes no new folder ({err.strerror})"
+    Path(probe).rmdir()
+    return None
 
 
 def summary_table(title: str, models: dict[str, dict]) -> str:

@@ -258,7 +258,7 @@ def _mode(paths: list[Path], sample: int = 500) -> str:
             with Image.open(path) as img:
                 grey += img.mode in GREY and img.mode != "P"
         except OSError as err:
-            raise DataError(f"data.folder: cannot read image {path} ({_first(err)})") from None
+            raise DataError(f"cannot read image {path} ({_first(err)})") from None
     return "L" if 2 * grey > len(chosen) else "RGB"
 
 
@@ -279,7 +279,7 @@ def decode(path: Path, mode: str, size: int) -> np.ndarray:
                 img = img.crop((left, top, left + size, top + size))
             pixels = np.array(img, dtype=np.uint8)  # a copy: writable
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"data.folder: cannot read image {path} ({_first(err)})") from None
+        raise DataError(f"cannot read image {path} ({_first(err)})") from None
     return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ensemble import checkpoint
-from ensemble.config import ModelConfig, TrainConfig, parse, to_dict
+from ensemble.config import ModelConfig, TrainConfig, saved_as, to_dict
 from ensemble.data import Splits, as_float, augment, labels_to_device, to_pixels
-from ensemble.errors import CheckpointError, ConfigError, TrainingError
+from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters, normalized
 
 EVAL_BATCH = 2000  # rows per forward pass when evaluating: large enough to be fast, small in memory
@@ -360,11 +360,8 @@ class Trainer:
         """Restore everything `checkpoint()` saved; refuse a checkpoint of another model."""
         state = checkpoint.loads_state(blob)
         meta = state.meta
-        try:  # compared as configs: keys added since it was saved take their defaults
-            same = parse(ModelConfig, meta.get("model"), "model") == self.model_cfg
-        except ConfigError:
-            same = False
-        if not same or meta.get("classes") != self.classes:
+        if not saved_as(ModelConfig, meta.get("model"), self.model_cfg) or \
+                meta.get("classes") != self.classes:
             raise CheckpointError(f"checkpoint of '{meta.get('name')}' was saved for another "
                                   f"architecture than {self.name}'s")
         try:

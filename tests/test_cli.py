@@ -127,6 +127,8 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
     "predict of no classes": (["predict", "{saved}", "{tmp}", "--top", "0"], 2,
                               "--top must be at least 1", saved_run(None)),
     "table of no run": (["table", "{tmp}/nowhere"], 2, "not a run directory", None),
+    "table to a place that cannot be written": (["table", "{saved}", "--out", "/proc/x/t.md"],
+                                                2, "cannot write the table", saved_run(None)),
     "table of a damaged checkpoint": (["table", "{saved}"], 4, "damaged", saved_run("corrupt")),
     "export of no run": (["export", "{tmp}/nowhere"], 2, "not a run directory", None),
     "export of an unknown model": (["export", "{saved}", "--model", "teacher"], 2,

@@ -257,14 +257,7 @@ def test_models_that_ask_for_no_gpu_stay_on_cpu_where_cuda_seems_present(tmp_pat
         assert json.loads((run / task).read_text())["device"] == "cpu", task
 
 
-MANY = """
-name: many
-data: {val_size: 200, download: false}
-generalists:
-  count: 40
-  model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3}
-  train: {epochs: 2000, batch_size: 20, lr: 0.1, jitter: 1}
-"""
+MANY = CONFIG.replace("count: 1", "count: 40").replace("EPOCHS", "2000")  # 40 for 2 CPUs
 
 
 def test_ctrl_c_while_models_queue_stops_at_once_and_leaves_nothing(tmp_path, scratch):
@@ -299,7 +292,7 @@ def test_ctrl_c_at_each_stage_stops_and_resumes_to_the_end(stage, marker, tmp_pa
     --resume finishes every model."""
     data = write_mnist_like(tmp_path / "data", n_train=2000, n_test=200)
     config = tmp_path / "c.yaml"
-    config.write_text(ENSEMBLE_RUN.replace("EPOCHS", "25"))
+    config.write_text(ENSEMBLE_RUN.replace("EPOCHS", "60"))  # many epochs left at the signal
     run = tmp_path / "run"
     command = [sys.executable, "-m", "ensemble.cli", "run", "--data-dir", str(data)]
     env = {**os.environ, "TMPDIR": str(scratch)}
