@@ -9,9 +9,9 @@
    torchvision.datasets.ImageFolder + DataLoader(num_workers=2, batch_size=256) collecting the
    same uint8 tensors. Target: >= 2x. (torchvision.io's own decoders would be faster still,
    but torchvision 0.29 deprecates them for TorchCodec, so ours stay with Pillow.)
-2. One augmented epoch of 50,000 CIFAR-shaped images (random crop with 4 pixels of padding,
-   horizontal flip, per-channel normalisation), batches of 256: ours batched on the device
-   (ensemble.data.flip and translate, then the normalisation a Normalized model applies)
+2. One augmented epoch of 50,000 CIFAR-shaped images (random crop with 4 pixels of padding by
+   reflection, horizontal flip, per-channel normalisation), batches of 256: ours batched on the
+   device (train.augment [crop:4, flip], then the normalisation a Normalized model applies)
    against torchvision.transforms.v2 per sample in a DataLoader(num_workers=2). Target: >= 5x.
 
 Both sides in one run, on the same cores; `name: value` lines end the results file.
@@ -31,11 +31,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ensemble.data import as_float, flip, load_arrays, translate
+from ensemble.augment import augment
+from ensemble.config import TrainConfig
+from ensemble.data import as_float, load_arrays
 from ensemble.sources import read_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+CROP_FLIP = TrainConfig(augment=("crop:4", "flip"))  # padding by reflection, as below
 
 
 def write_pngs(root: Path, images: np.ndarray, labels: np.ndarray, part: str) -> None:
@@ -83,7 +86,7 @@ def ours_augment(images: np.ndarray, batch: int = 256) -> float:
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     start = time.perf_counter()
     for lo in range(0, len(x), batch):
-        xb = translate(flip(as_float(x[lo:lo + batch]), gen), 4, gen)
+        xb = augment(as_float(x[lo:lo + batch]), CROP_FLIP, gen)
         out = (xb - mean) / std
     assert out.dtype == torch.float32
     return time.perf_counter() - start
@@ -93,7 +96,7 @@ def torchvision_augment(images: np.ndarray, batch: int = 256) -> float:
     from torch.utils.data import DataLoader
     from torchvision.transforms import v2
 
-    transform = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
+    transform = v2.Compose([v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
     start = time.perf_counter()
     for xb in DataLoader(Pictures(images, transform), batch_size=batch, num_workers=2):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ensemble import figures
-from ensemble.config import ResourcesConfig, RunConfig, StudentConfig, to_dict
+from ensemble.config import ResourcesConfig, RunConfig, StudentConfig, augment_steps, to_dict
 from ensemble.data import Splits, labels_to_device, load_splits, to_device
 from ensemble.errors import ConfigError
 from ensemble.models import load_model
@@ -101,9 +101,11 @@ def teacher_label(cfg: RunConfig) -> str:
     layers = model.factory or model.kind if model.factory or model.kind != "mlp" else \
         f"784-{'-'.join(map(str, model.hidden))}-10"  # §3's notation for its MLPs
     parts = [f"teacher {layers}"]
+    steps = {name for name, _ in augment_steps(train.augment)}
     parts += [what for what, on in (("dropout", model.dropout_in or model.dropout_hidden),
-                                    ("max-norm", model.max_norm), ("jitter", train.jitter),
-                                    ("elastic distortion", train.elastic)) if on]
+                                    ("max-norm", model.max_norm), ("flips", "flip" in steps),
+                                    ("jitter", steps & {"translate", "crop"}),
+                                    ("elastic distortion", "elastic" in steps)) if on]
     return ", ".join(parts)
 
 

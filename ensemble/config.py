@@ -31,6 +31,37 @@ def _require(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} {rule}, got {value!r}")
 
 
+AUGMENTATIONS = {  # train.augment's steps (ensemble.augment): each argument's name and range
+    "flip": (),
+    "translate": (("pixels", 1, 8),),
+    "crop": (("padding", 1, 8),),
+    "elastic": (("alpha", 0.01, 100), ("sigma", 0.5, 10)),
+}
+
+
+def augment_steps(specs) -> tuple[tuple[str, tuple[float, ...]], ...]:
+    """train.augment's steps ("name" or "name:ARG[:ARG]") as (name, arguments); ConfigError with
+    the step's place for a bad one. elastic's sigma is 4 (Simard et al.'s) unless given."""
+    steps = []
+    for i, spec in enumerate(specs):
+        name, *args = str(spec).split(":")
+        wanted = AUGMENTATIONS.get(name)
+        form = "one of flip, translate:P, crop:P, elastic:ALPHA[:SIGMA]"
+        _require(wanted is not None, f"augment[{i}]", f"must be {form}", spec)
+        if name == "elastic" and len(args) == 1:
+            args.append("4")
+        _require(len(args) == len(wanted), f"augment[{i}]", f"must be {form}", spec)
+        values = []
+        for text, (what, low, high) in zip(args, wanted):
+            _require(_FLOAT.fullmatch(text) is not None and low <= float(text) <= high,
+                     f"augment[{i}]", f"must give {what} as a number from {low:g} to {high:g}", spec)
+            values.append(float(text))
+        _require(name in ("elastic", "flip") or float(values[0]).is_integer(), f"augment[{i}]",
+                 "must give pixels as a whole number", spec)
+        steps.append((name, tuple(values)))
+    return tuple(steps)
+
+
 SOURCES = ("folder", "npz", "factory", "parquet")  # data of one's own (ensemble.sources)
 
 
@@ -139,11 +170,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # on the hard-label cross-entropy (Szegedy et al. 2016: 0.1)
     channels_last: bool = False  # convolutions in channels-last memory layout (faster on GPUs)
     tf32: bool = False  # on CUDA: TF32 for float32 matmuls and convolutions (Ampere and later)
-    jitter: int = 0  # random translation of each image by up to this many pixels, zeros filling
-    #   in: §3 teacher: 2; a random crop with this padding (CIFAR's RandomCrop(32, padding=4): 4)
-    flip: bool = False  # mirror each image left-right with probability 1/2 (before the jitter)
-    elastic: float = 0.0  # elastic distortion's strength alpha (Simard et al. 2003: 34), 0: off
-    elastic_sigma: float = 4.0  # the smoothness of its displacement field, in pixels (Simard: 4)
+    augment: tuple[str, ...] = ()  # each training batch, on its device, in this order: flip,
+    #   translate:P (up to P pixels, zeros filling in; §3's teacher: translate:2), crop:P
+    #   (padding P by reflection; CIFAR: crop:4), elastic:ALPHA[:SIGMA] (Simard et al.: 34:4)
     shuffle: bool = True  # a fresh order each epoch; false: the data set's order, every epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, weights and optimiser
     #   state stay fp32; for GPUs and AVX-512 BF16 / AMX CPUs (elsewhere torch emulates bf16:
@@ -170,11 +199,7 @@ class TrainConfig:
                  "nesterov", "needs optimizer sgd with momentum > 0", self.nesterov)
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)",
                  self.label_smoothing)
-        _require(0 <= self.jitter <= 8, "jitter", "must be between 0 and 8 pixels", self.jitter)
-        _require(0 <= self.elastic <= 100, "elastic", "must be between 0 (off) and 100",
-                 self.elastic)
-        _require(0.5 <= self.elastic_sigma <= 10, "elastic_sigma",
-                 "must be between 0.5 and 10 pixels", self.elastic_sigma)
+        augment_steps(self.augment)
 
 
 @dataclass(frozen=True)
@@ -227,7 +252,7 @@ class AutoscalerConfig:
 class GeneralistsConfig:
     count: int = 1  # models of the same recipe with seeds seed, seed+1, ...; trained in parallel
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(jitter=2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(augment=("translate:2",)))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     from_run: str = ""  # a finished run whose generalists (recipe and checkpoints) are taken over,
     #                     not trained again; its data split must be this run's
@@ -262,7 +287,7 @@ class SpecialistsConfig:
     top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
     combine_tol: float = 1e-7  # stop the eq. 5 solver when q moves less than this
     combine_steps: int = 500  # ... or after this many steps
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, jitter=2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, augment=("translate:2",)))
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self):
@@ -490,6 +515,8 @@ def parse(cls: type, raw: Any, path: str = "", base: Any = None) -> Any:
         raise ConfigError(f"{where} must be a mapping of keys to values, got {raw!r}")
     names = [f.name for f in fields(cls)]
     raw = {k: v for k, v in raw.items() if not str(k).startswith("x-")}  # anchors for YAML reuse
+    if cls is TrainConfig:
+        raw = _legacy_augment(raw, base if base is not None else cls())
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
@@ -511,6 +538,30 @@ def parse(cls: type, raw: Any, path: str = "", base: Any = None) -> Any:
         if path and not str(err).startswith(path):
             raise ConfigError(f"{path}.{err}") from None
         raise
+
+
+_LEGACY = {"flip": False, "jitter": 0, "elastic": 0.0, "elastic_sigma": 4.0}  # train's keys
+#   before train.augment, still read (the config.yaml of older runs): flip, jitter, elastic
+
+
+def _legacy_augment(raw: dict, base: TrainConfig) -> dict:
+    """A train mapping with the old keys as one with `augment`: the keys override the matching
+    steps of `base`'s list, applied in the old order (flip, translation, elastic distortion)."""
+    if not any(key in raw for key in _LEGACY):
+        return raw
+    if "augment" in raw:
+        raise ConfigError("train.augment replaces the keys flip, jitter and elastic; give "
+                          "augment alone")
+    old = dict(_LEGACY)
+    for name, args in augment_steps(base.augment):
+        old.update({"flip": {"flip": True}, "translate": {"jitter": args and args[0]},
+                    "elastic": {"elastic": args[0], "elastic_sigma": args[-1]}}.get(name, {}))
+    old.update({k: v for k, v in raw.items() if k in _LEGACY})
+    old = {k: f"{v:g}" if isinstance(v, (int, float)) else v for k, v in old.items()}
+    steps = ["flip"] * (old["flip"] not in (False, "0")) + \
+        [f"translate:{old['jitter']}"] * (old["jitter"] != "0")
+    steps += [f"elastic:{old['elastic']}:{old['elastic_sigma']}"] * (old["elastic"] != "0")
+    return {**{k: v for k, v in raw.items() if k not in _LEGACY}, "augment": steps}
 
 
 def saved_as(cls: type, raw: Any, expected: Any) -> bool:

@@ -1,5 +1,5 @@
-"""Data sets as uint8 arrays, their fixed splits, transfer-set filters and on-device augmentation
-(jitter, elastic distortion).
+"""Data sets as uint8 arrays, their fixed splits and transfer-set filters (augmentation:
+ensemble.augment).
 
 A data set is read once, on the driver, into `Splits` (uint8 NumPy arrays, images as N x C x H x W):
 that is what goes into Ray's object store (NumPy arrays are zero-copy there, torch tensors are
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ensemble.config import NUM_CLASSES, DataConfig
 from ensemble.errors import DataError
@@ -315,63 +314,6 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 def labels_to_device(labels: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.tensor(labels, dtype=torch.int64, device=device)  # small: a copy is cheap
-
-
-def translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None):
-    """Shift each image of x (B,C,H,W) by its own random (dy, dx) in [-max_shift, max_shift]²,
-    filling with zeros; one gather on x's device (§3: the teacher's ±2 pixels)."""
-    if max_shift == 0:
-        return x
-    b, c, h, w = x.shape
-    s, dev = max_shift, x.device
-    hp, wp = h + 2 * s, w + 2 * s
-    shifts = torch.randint(-s, s + 1, (2, b), device=dev, generator=generator)
-    padded = F.pad(x, (s, s, s, s)).reshape(b, c * hp * wp)
-    window = (torch.arange(c, device=dev)[:, None, None] * (hp * wp)
-              + torch.arange(h, device=dev)[None, :, None] * wp
-              + torch.arange(w, device=dev)[None, None, :]).reshape(1, -1)  # unshifted pixels
-    offset = (s - shifts[0]) * wp + (s - shifts[1])  # (B,): where each image's window starts
-    return padded.gather(1, window + offset[:, None]).view(b, c, h, w)
-
-
-def distort(x: torch.Tensor, alpha: float, sigma: float, generator: torch.Generator | None = None):
-    """Elastic distortion (Simard, Steinkraus & Platt 2003) of each image of x (B,C,H,W): every
-    pixel moves along its own random displacement, uniform in [-1, 1] per axis, smoothed by a
-    Gaussian of `sigma` pixels and scaled by `alpha` (their MNIST values: 34 and 4); bilinear,
-    zeros outside. One pass on x's device."""
-    if alpha == 0:
-        return x
-    b, _, h, w = x.shape
-    dev = x.device
-
-    def smoothing(n: int) -> torch.Tensor:  # (n, n): a Gaussian filter, zeros past the edges
-        t = torch.arange(n, device=dev, dtype=torch.float32)
-        k = torch.exp(-(t[:, None] - t[None, :]) ** 2 / (2 * sigma * sigma))
-        return k / torch.exp(-torch.arange(-n + 1, n, device=dev) ** 2 / (2 * sigma * sigma)).sum()
-
-    field = torch.rand((b, 2, h, w), device=dev, generator=generator).mul_(2).sub_(1)
-    with torch.autocast(dev.type, enabled=False):  # fp32 fields under bf16 training too
-        field = smoothing(h) @ field @ smoothing(w) * alpha  # two matmuls, not a conv2d: far faster
-    ys = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1)
-    xs = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w)
-    grid = torch.stack(((xs + field[:, 0] + 0.5) * (2 / w) - 1,   # grid_sample's x, y in [-1, 1]
-                        (ys + field[:, 1] + 0.5) * (2 / h) - 1), dim=-1)
-    return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False).to(x.dtype)
-
-
-def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each image of x (B,C,H,W) mirrored left-right with probability 1/2."""
-    mirror = torch.rand(len(x), device=x.device, generator=generator) < 0.5
-    return torch.where(mirror[:, None, None, None], x.flip(3), x)
-
-
-def augment(x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A training batch as `cfg` (a TrainConfig) augments it: flip, jitter (a random crop with
-    padding), then elastic distortion; each draws from `generator` only when it is on."""
-    if cfg.flip:
-        x = flip(x, generator)
-    return distort(translate(x, cfg.jitter, generator), cfg.elastic, cfg.elastic_sigma, generator)
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[tuple[float, ...], ...]:

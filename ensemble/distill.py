@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.config import StudentConfig
-from ensemble.data import Splits, as_float, augment, transfer_mask
+from ensemble.augment import augment
+from ensemble.data import Splits, as_float, transfer_mask
 from ensemble.teacher import Teacher, load_teacher, soft_targets
 from ensemble.train import Trainer
 
@@ -60,7 +61,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
 
 def unaugmented(cfg: StudentConfig) -> bool:
     """Whether the student's transfer set is shown as it is (so its soft targets are fixed)."""
-    return cfg.train.jitter == 0 and cfg.train.elastic == 0
+    return not cfg.train.augment
 
 
 class Student(Trainer):

@@ -190,5 +190,5 @@ def model_hparams(cfg: RunConfig, spec) -> dict:
     return {"role": spec.role, "hidden": "x".join(map(str, model.hidden)), "kind": model.kind,
             "dropout_in": model.dropout_in, "dropout_hidden": model.dropout_hidden,
             "max_norm": model.max_norm, "epochs": train.epochs, "batch_size": train.batch_size,
-            "lr": train.lr, "schedule": train.schedule, "jitter": train.jitter,
-            "elastic": train.elastic, "precision": train.precision, **extra}
+            "lr": train.lr, "schedule": train.schedule, "augment": ",".join(train.augment),
+            "precision": train.precision, **extra}

@@ -229,7 +229,7 @@ def _chunk(job) -> np.ndarray:
     return out
 
 
-def _listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
+def _listing(folder: Path, classes: list[str]) -> list[tuple[str, int]]:
     """(image file, class index) under folder/<class>/, each class folder holding some."""
     found = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if found != classes:
@@ -239,11 +239,12 @@ def _listing(folder: Path, classes: list[str]) -> list[tuple[Path, int]]:
                         f"data.folder: {folder} has classes {found}, train/ has {classes}")
     listing = []
     for label, name in enumerate(classes):
-        images = sorted(p for p in (folder / name).iterdir()
-                        if p.is_file() and p.suffix.lower() in SUFFIXES)
+        with os.scandir(folder / name) as entries:  # names from the directory, no stat each
+            images = sorted(e.path for e in entries
+                            if os.path.splitext(e.name)[1].lower() in SUFFIXES and e.is_file())
         if not images:
             raise DataError(f"data.folder: {folder / name} holds no images")
-        listing += [(p, label) for p in images]
+        listing += [(path, label) for path in images]
     return listing
 
 

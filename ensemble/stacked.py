@@ -39,8 +39,8 @@ def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
         if cfg.model.kind != "mlp" or cfg.model.factory or cfg.model.dropout_in or \
                 cfg.model.dropout_hidden:
             return "stacked students must be MLPs without dropout"
-        if cfg.train.jitter or cfg.train.elastic:
-            return "stacked students must train without jitter or elastic distortion"
+        if cfg.train.augment:
+            return "stacked students must train without augmentation (train.augment)"
         if (cfg.train.optimizer, cfg.train.decay, cfg.train.label_smoothing) != ("sgd", "all", 0):
             return "stacked students must use SGD, decay on all parameters, no label smoothing"
         if to_dict(cfg.model) != to_dict(first.model):

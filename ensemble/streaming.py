@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemble.data import as_float, augment
+from ensemble.augment import augment
+from ensemble.data import as_float
 from ensemble.distill import Student, distillation_loss
 from ensemble.errors import DataError
 from ensemble.train import Trainer

@@ -1,10 +1,10 @@
 """The training loop: SGD with momentum on index-drawn batches of on-device data, max-norm,
-jitter, evaluation each epoch, best-on-validation tracking, and checkpoints as bytes.
+augmentation, evaluation each epoch, best-on-validation tracking, and checkpoints as bytes.
 
 Pure PyTorch: a `Trainer` runs in any process; `ensemble.actors` makes it a Ray actor unchanged.
 Resume is exact: a trainer restored from the checkpoint of epoch e and trained on gives the same
 weights, bit for bit on CPU, as one that never stopped (same seed and thread count), because all
-randomness (batch order, jitter, distortion, dropout) comes from RNG states that the checkpoint carries.
+randomness (batch order, augmentation, dropout) comes from RNG states that the checkpoint carries.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import ModelConfig, TrainConfig, saved_as, to_dict
-from ensemble.data import Splits, as_float, augment, labels_to_device, to_pixels
+from ensemble.augment import augment
+from ensemble.data import Splits, as_float, labels_to_device, to_pixels
 from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters, normalized
 

@@ -57,10 +57,10 @@ data: {val_size: 100, download: false}
 generalists:
   count: 1
   model: {hidden: [32, 32], dropout_in: 0.0, dropout_hidden: 0.1}
-  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, augment: []}
 specialists:
   k: 3
-  train: {epochs: 1, batch_size: 50, lr: 0.1, jitter: 0}
+  train: {epochs: 1, batch_size: 50, lr: 0.1, augment: []}
 students:
   all:
     model: {hidden: [16]}

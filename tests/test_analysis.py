@@ -95,7 +95,7 @@ def test_recipe_ignores_only_what_cannot_change_training():
     soft = StudentConfig(alpha=0.9, temperature=4.0)
     assert recipe(soft) != recipe(dataclasses.replace(soft, temperature=20.0))
     assert recipe(soft) != recipe(dataclasses.replace(soft, soft_targets="ensemble"))
-    assert recipe(soft) != recipe(dataclasses.replace(soft, train=TrainConfig(elastic=34.0)))
+    assert recipe(soft) != recipe(dataclasses.replace(soft, train=TrainConfig(augment=("elastic:34",))))
     assert recipe(hard) != recipe(dataclasses.replace(hard, alpha=0.1))
 
 
@@ -118,5 +118,5 @@ def test_teacher_label_names_the_teachers_layers_or_kind():
     assert analysis.teacher_label(mlp) == "teacher 784-1200-1200-10, dropout, max-norm, jitter"
     zoo = parse(RunConfig, {"generalists": {"model": {"kind": "resnet8x4", "dropout_in": 0.0,
                                                       "dropout_hidden": 0.0},
-                                            "train": {"jitter": 0}}})
+                                            "train": {"augment": []}}})
     assert analysis.teacher_label(zoo) == "teacher resnet8x4"

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ensemble.config import RunConfig, apply_overrides, load_config, parse, resume_conflicts
+from ensemble.config import (GeneralistsConfig, RunConfig, TrainConfig, apply_overrides, load_config,
+                             parse, resume_conflicts)
 from ensemble.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_papers():
     cfg = parse(RunConfig, {"students": {"s": {}}})
     assert cfg.generalists.model.hidden == (1200, 1200)
-    assert cfg.generalists.train.jitter == 2
+    assert cfg.generalists.train.augment == ("translate:2",)  # §3: +-2 pixels
     assert cfg.students["s"].model.hidden == (800, 800)
     assert cfg.students["s"].temperature == 20.0
 
@@ -43,9 +44,17 @@ def test_nested_partial_sections_keep_their_defaults():
       "students": {"s": {"resources": {"num_gpus": 0.5}}}}, "specialists.resources.num_gpus is 0"),
     ({"device": "cuda", "generalists": {"resources": {"num_gpus": 1}}, "students": {"s": {}}},
      "students.s.resources.num_gpus is 0"),
-    ({"generalists": {"train": {"jitter": True}}}, "must be an integer"),
-    ({"generalists": {"train": {"elastic": -1}}}, "elastic must be between 0"),
-    ({"students": {"s": {"train": {"elastic_sigma": 0}}}}, "elastic_sigma must be between"),
+    ({"generalists": {"train": {"augment": ["jitter:2"]}}},
+     r"generalists.train.augment\[0\] must be one of flip, translate:P, crop:P"),
+    ({"generalists": {"train": {"augment": ["flip", "translate:9"]}}},
+     r"augment\[1\] must give pixels as a number from 1 to 8"),
+    ({"generalists": {"train": {"augment": ["crop:1.5"]}}}, "must give pixels as a whole number"),
+    ({"generalists": {"train": {"augment": ["flip:1"]}}}, "must be one of flip"),
+    ({"students": {"s": {"train": {"augment": ["elastic:34:0"]}}}},
+     "must give sigma as a number from 0.5 to 10"),
+    ({"generalists": {"train": {"augment": [{"crop": 4}]}}}, "must be a string"),
+    ({"generalists": {"train": {"augment": ["flip"], "jitter": 2}}},
+     "train.augment replaces the keys flip, jitter and elastic"),
     ({"generalists": {"model": {"hidden": []}}}, "non-empty"),
     ({"generalists": {"model": {"dropout_in": 1.0}}}, r"in \[0, 1\)"),
     ({"data": 3}, "data must be a mapping"),
@@ -87,6 +96,18 @@ def test_bad_configs(raw, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(message, err) and err.startswith("ensemble: error:"), err
     assert err.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+def test_old_augmentation_keys_read_as_steps_of_train_augment():
+    """Runs written before train.augment (their config.yaml) load, resume and tabulate: flip,
+    jitter and elastic become the steps they were, in their old order, over the defaults."""
+    old = parse(TrainConfig, {"flip": True, "jitter": 4, "elastic": 34.0, "elastic_sigma": 4.0})
+    assert old.augment == ("flip", "translate:4", "elastic:34:4")
+    assert parse(GeneralistsConfig, {"train": {"flip": True}}).train.augment == \
+        ("flip", "translate:2")  # the generalists' default translation stays
+    assert parse(GeneralistsConfig, {"train": {"jitter": 0}}).train.augment == ()
+    assert parse(TrainConfig, {"flip": False, "jitter": 0, "elastic": 0.0,
+                               "elastic_sigma": 4.0}).augment == ()
 
 
 def test_cuda_for_models_that_each_ask_for_a_gpu():

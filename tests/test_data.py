@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ensemble.config import DataConfig
-from ensemble.data import distort, load_splits, read_idx, transfer_mask, translate, write_idx
+from ensemble.augment import distort, shift
+from ensemble.data import load_splits, read_idx, transfer_mask, write_idx
 from ensemble.errors import DataError
 from tests.conftest import synthetic_digits, write_mnist_like
 
@@ -68,27 +69,53 @@ def test_transfer_mask():
     assert transfer_mask(many, size=5000).all()  # more than there are: all of them
 
 
-def test_translate_range_and_independence():
+def test_shift_range_and_independence():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(256, 1, 9, 9)
     x[:, 0, 4, 4] = 1.0  # one lit pixel in the centre: its new place is the shift
-    out = translate(x, 2, g)
+    out = shift(x, 2, g)
     assert out.shape == x.shape and torch.all(out.sum((1, 2, 3)) == 1)
     where = out[:, 0].flatten(1).argmax(1)
     dy, dx = where // 9 - 4, where % 9 - 4
     assert dy.abs().max() == 2 and dx.abs().max() == 2  # the whole range is reached ...
     assert len(set(zip(dy.tolist(), dx.tolist()))) == 25  # ... each sample on its own draw
-    assert translate(x, 0, g) is x
+    assert shift(x, 0, g) is x
 
 
-def test_translate_fills_with_zeros_and_keeps_content():
+def test_shift_fills_with_zeros_and_keeps_content():
     g = torch.Generator().manual_seed(1)
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
-    out = translate(x, 1, g)
+    out = shift(x, 1, g)
     for b in range(2):
         matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
                    if torch.equal(out[b], _shift(x[b], dy, dx))]
         assert len(matches) == 1
+
+
+def test_crop_pads_by_reflection_and_crops_back():
+    g = torch.Generator().manual_seed(2)
+    x = torch.arange(4 * 3 * 7 * 7, dtype=torch.float32).view(4, 3, 7, 7)
+    out = shift(x, 2, g, padding="reflect")
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    for b in range(4):  # each image is one window of its reflected padding, and no zeros appear
+        windows = [(i, j) for i in range(5) for j in range(5)
+                   if torch.equal(out[b], padded[b, :, i:i + 7, j:j + 7])]
+        assert len(windows) == 1
+    assert (out > 0).sum() >= out.numel() - 4  # only the pixel valued 0 may give a zero
+
+
+def test_augment_runs_train_augment_steps_in_order_from_one_generator():
+    from ensemble.augment import augment, flip
+    from ensemble.config import TrainConfig
+
+    x = torch.rand(16, 1, 8, 8)
+    cfg = TrainConfig(augment=("flip", "translate:1", "elastic:10:2"))
+    out = augment(x, cfg, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(out, distort(shift(flip(x, g), 1, g), 10.0, 2.0, g))
+    swapped = TrainConfig(augment=("translate:1", "flip", "elastic:10:2"))
+    assert not torch.equal(out, augment(x, swapped, torch.Generator().manual_seed(5)))
+    assert augment(x, TrainConfig(), torch.Generator()) is x
 
 
 def test_distort_is_a_gaussian_smoothed_random_warp():
@@ -185,7 +212,7 @@ def test_cifar10_binary_release(tmp_path):
 
 
 def test_flip_mirrors_about_half_and_follows_its_generator():
-    from ensemble.data import flip
+    from ensemble.augment import flip
 
     x = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3).repeat(500, 1, 1, 1)
     out = flip(x, torch.Generator().manual_seed(0))

@@ -23,7 +23,7 @@ data: {val_size: 200, download: false}
 generalists:
   count: 1
   model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3, max_norm: 3.0}
-  train: {epochs: 8, batch_size: 20, lr: 0.1, jitter: 1}
+  train: {epochs: 8, batch_size: 20, lr: 0.1, augment: [translate:1]}
   resources: {max_restarts: 2, max_task_retries: 2}
 """
 

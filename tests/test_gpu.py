@@ -10,7 +10,7 @@ from ensemble.train import Trainer
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3)
-JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, jitter=1, elastic=10.0)
+JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, augment=("translate:1", "elastic:10"))
 
 
 def test_checkpoint_moves_between_cpu_and_cuda(data_root):

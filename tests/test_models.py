@@ -16,7 +16,7 @@ from specialists.trainer import SpecialistTrainer
 from tests.test_data import write_cifar10_bin
 
 RESNET18 = ModelConfig(factory="torchvision.models:resnet18", kwargs={"num_classes": 10})
-TRAIN = TrainConfig(epochs=2, batch_size=16, lr=0.02, jitter=2)  # jitter: every RNG stream used
+TRAIN = TrainConfig(epochs=2, batch_size=16, lr=0.02, augment=("translate:2",))  # every RNG
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ name: factory
 data: {name: cifar10, val_size: 12, download: false, normalize: true}
 generalists:
   model: {factory: "torchvision.models:resnet18", kwargs: {num_classes: 10}}
-  train: {epochs: 1, batch_size: 16, lr: 0.02, flip: true, jitter: 4}
+  train: {epochs: 1, batch_size: 16, lr: 0.02, augment: [flip, translate:4]}
 specialists: {k: 2, train: {epochs: 1, batch_size: 16, lr: 0.02}}
 students:
   small:
@@ -268,7 +268,7 @@ def test_normalisation_is_part_of_the_model(cifar, tmp_path):
     assert std == pytest.approx(pixels.std(axis=(0, 2, 3)).tolist())
     data = dataclasses.replace(cifar, mean=mean, std=std)
     model = ModelConfig(kind="resnet8x4")
-    t = Trainer("g", model, TrainConfig(epochs=1, batch_size=16, flip=True), data, seed=0)
+    t = Trainer("g", model, TrainConfig(epochs=1, batch_size=16, augment=("flip",)), data, seed=0)
     t.train_epoch()
     loaded, meta = load_model(t.checkpoint(), torch.device("cpu"))
     assert meta["normalize"] == {"mean": list(mean), "std": list(std)}

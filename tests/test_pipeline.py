@@ -15,7 +15,7 @@ data: {val_size: 100, download: false}
 generalists:
   count: 2
   model: {hidden: [32, 32], dropout_in: 0.1, dropout_hidden: 0.2, max_norm: 3.0}
-  train: {epochs: 3, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 3, batch_size: 50, lr: 0.3, augment: []}
 students:
   hard:
     model: {hidden: [16]}
@@ -199,7 +199,7 @@ stack_students: true
 generalists:
   count: 1
   model: {hidden: [32, 32], dropout_in: 0.0, dropout_hidden: 0.1}
-  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, augment: []}
 x-sweep: &sweep
   model: {hidden: [16, 16], dropout_in: 0.0, dropout_hidden: 0.0}
   train: {epochs: 2, batch_size: 50, lr: 0.1}
@@ -247,7 +247,7 @@ data: {val_size: 100, download: false}
 generalists:
   count: 1
   model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
-  train: {epochs: 3, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 3, batch_size: 50, lr: 0.3, augment: []}
 students:
   hard: {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50}, alpha: 0.0}
   taught: {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50}, temperature: 2.0}
@@ -288,12 +288,12 @@ data: {val_size: 100, download: false}
 generalists:
   count: 2
   model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
-  train: {epochs: 1, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 1, batch_size: 50, lr: 0.3, augment: []}
 x-student: &student {model: {hidden: [16]}, train: {epochs: 1, batch_size: 50, lr: 0.3}}
 students:
   t2: {<<: *student, temperature: 2.0}
   t8: {<<: *student, temperature: 8.0, drop_classes: [3]}
-  jittered: {<<: *student, train: {epochs: 1, batch_size: 50, lr: 0.3, jitter: 1}}
+  jittered: {<<: *student, train: {epochs: 1, batch_size: 50, lr: 0.3, augment: [translate:1]}}
 """
 
 

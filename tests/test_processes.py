@@ -24,7 +24,7 @@ data: {val_size: 200, download: false}
 generalists:
   count: 1
   model: {hidden: [256, 256], dropout_in: 0.1, dropout_hidden: 0.3}
-  train: {epochs: EPOCHS, batch_size: 20, lr: 0.1, jitter: 1}
+  train: {epochs: EPOCHS, batch_size: 20, lr: 0.1, augment: [translate:1]}
 """
 BLOWS_UP = """
 students:
@@ -148,10 +148,10 @@ name: nodes
 data: {val_size: 200, download: false}
 generalists:
   model: {hidden: [64], dropout_in: 0.0, dropout_hidden: 0.1}
-  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, augment: []}
 specialists:
   k: 2
-  train: {epochs: 8, batch_size: 20, lr: 0.1, jitter: 0}
+  train: {epochs: 8, batch_size: 20, lr: 0.1, augment: []}
   resources: {max_restarts: 2, max_task_retries: 2}
 """
 
@@ -229,10 +229,10 @@ name: cpus
 data: {val_size: 200, download: false}
 generalists:
   model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
-  train: {epochs: 2, batch_size: 50, lr: 0.3, jitter: 0}
+  train: {epochs: 2, batch_size: 50, lr: 0.3, augment: []}
 specialists:
   k: 2
-  train: {epochs: EPOCHS, batch_size: 50, lr: 0.1, jitter: 0}
+  train: {epochs: EPOCHS, batch_size: 50, lr: 0.1, augment: []}
 students:
   from-ensemble: {model: {hidden: [16]}, train: {epochs: EPOCHS, batch_size: 50},
                   temperature: 2.0, soft_targets: ensemble}

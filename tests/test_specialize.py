@@ -20,7 +20,7 @@ from specialists.trainer import SpecialistTrainer
 CPU = torch.device("cpu")
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.0, dropout_hidden=0.1)
-SPEC = SpecialistsConfig(k=3, train=TrainConfig(epochs=2, batch_size=50, lr=0.1, jitter=1))
+SPEC = SpecialistsConfig(k=3, train=TrainConfig(epochs=2, batch_size=50, lr=0.1, augment=("translate:1",)))
 
 
 @pytest.fixture(scope="module")

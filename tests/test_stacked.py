@@ -58,8 +58,8 @@ def test_stacked_students_match_one_by_one(setup):
 @pytest.mark.parametrize("change, message", [
     ({"model": ModelConfig(hidden=(16, 16), dropout_in=0.1)}, "without dropout"),
     ({"model": ModelConfig(hidden=(8, 8), dropout_in=0.0, dropout_hidden=0.0)}, "one model shape"),
-    ({"train": TrainConfig(epochs=3, batch_size=40, lr=0.1, jitter=1)}, "without jitter"),
-    ({"train": TrainConfig(epochs=3, batch_size=40, lr=0.1, elastic=10)}, "elastic distortion"),
+    ({"train": TrainConfig(epochs=3, batch_size=40, lr=0.1, augment=("translate:1",))},
+     "without augmentation"),
     ({"train": TrainConfig(epochs=5, batch_size=40, lr=0.1)}, "one training recipe"),
     ({"drop_classes": (3,)}, "one transfer set"),
 ])

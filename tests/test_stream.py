@@ -18,7 +18,7 @@ name: stream
 data: {val_size: 200, download: false}
 generalists:
   model: {hidden: [64], dropout_in: 0.1, dropout_hidden: 0.2, max_norm: 3.0}
-  train: {epochs: 2, batch_size: 64, lr: 0.2, jitter: 1, shuffle: false}
+  train: {epochs: 2, batch_size: 64, lr: 0.2, augment: [translate:1], shuffle: false}
 """
 
 

@@ -13,7 +13,7 @@ from ensemble.train import Trainer, learning_rate, optimizer, pick_device
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
 TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
-JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, jitter=1, elastic=10.0)  # every RNG stream
+JITTER = TrainConfig(epochs=3, batch_size=50, lr=0.3, augment=("translate:1", "elastic:10"))  # every RNG stream
 
 
 @pytest.fixture(scope="module")
@@ -224,19 +224,20 @@ def test_small_cnn_trains_on_colour_images(tmp_path):
     data = load_splits(DataConfig(name="cifar10", val_size=10, download=False), tmp_path)
     cnn = ModelConfig(kind="cnn", hidden=(8, 16), dropout_in=0.0, dropout_hidden=0.2,
                       max_norm=3.0)
-    t = Trainer("c", cnn, TrainConfig(epochs=1, batch_size=30, jitter=2), data, seed=0)
+    t = Trainer("c", cnn, TrainConfig(epochs=1, batch_size=30, augment=("translate:2",)), data,
+                seed=0)
     record = t.train_epoch()
     assert record["epoch"] == 1 and record["loss"] > 0
     model, _ = load_model(t.checkpoint(), torch.device("cpu"))
     assert model(as_float(t.x[:4])).shape == (4, 10)
 
 
-@pytest.mark.parametrize("augmentation", [{"jitter": 1}, {"elastic": 10.0}])
+@pytest.mark.parametrize("augmentation", ["translate:1", "elastic:10", "crop:2", "flip"])
 def test_student_on_augmented_transfer_set_asks_teacher_each_batch(splits, augmentation):
     teacher = Trainer("g", MODEL, TRAIN, splits, seed=0)
     teacher.train_epoch()
     cfg = StudentConfig(model=ModelConfig(hidden=(16,), dropout_in=0, dropout_hidden=0),
-                        train=TrainConfig(epochs=1, batch_size=50, **augmentation),
+                        train=TrainConfig(epochs=1, batch_size=50, augment=(augmentation,)),
                         temperature=2.0)
     student = Student("s", cfg, splits, [teacher.checkpoint()], seed=1)
     assert student.targets is None  # augmented inputs: soft targets come on the fly
