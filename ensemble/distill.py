@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ensemble.config import StudentConfig
-from ensemble.augment import augment
-from ensemble.data import Splits, as_float, transfer_mask
+from ensemble.data import Splits, transfer_mask
 from ensemble.teacher import Teacher, load_teacher, soft_targets
 from ensemble.train import Trainer
 
@@ -99,8 +98,7 @@ class Student(Trainer):
     def extra_meta(self) -> dict:
         return {"targets_from": self.targets_from}
 
-    def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        xb = augment(as_float(self.x[idx]), self.cfg, self.batches)
+    def loss_on(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         logits = self.forward(xb)
         if self.teacher is None and self.targets is None:  # hard labels only
             return F.cross_entropy(logits, self.y[idx], label_smoothing=self.cfg.label_smoothing)

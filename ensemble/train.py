@@ -207,9 +207,16 @@ class Trainer:
     # ------------------------------------------------------------ one epoch ----------------------
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Mean loss of the training examples at `idx` (B,) -> ()."""
-        xb = augment(as_float(self.x[idx]), self.cfg, self.batches)
+        return self.loss_on(augment(as_float(self.x[idx]), self.cfg, self.batches), idx)
+
+    def loss_on(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the model on images xb (B,C,H,W: the examples at idx, augmented)."""
         return F.cross_entropy(self.forward(xb), self.y[idx],
                                label_smoothing=self.cfg.label_smoothing)
+
+    def backward(self, loss: torch.Tensor, batch) -> None:
+        """The gradients of a batch's loss (a data-parallel rank weighs its share)."""
+        loss.backward()
 
     def train_epoch(self) -> dict:
         """Train one epoch, evaluate, track the best model; return the epoch's metrics."""
@@ -222,7 +229,7 @@ class Trainer:
             with self.autocast():
                 loss = self.batch_loss(idx)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            self.backward(loss, idx)
             opt.step()
             if self.model_cfg.max_norm > 0:
                 apply_max_norm(model, self.model_cfg.max_norm)
