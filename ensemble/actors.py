@@ -22,6 +22,7 @@ from ensemble.stacked import StackedStudents
 from ensemble.streaming import StreamStudent, StreamTrainer
 from ensemble.teacher import evaluate_ensemble, teacher_outputs
 from ensemble.train import Trainer, pick_device
+from ensemble.workers import Group
 from specialists.coordinator import coordinate
 from specialists.trainer import SpecialistTrainer
 
@@ -45,14 +46,11 @@ def assigned_device(device: str):
     return pick_device(device, [str(g) for g in ray.get_gpu_ids()])
 
 
-class Metered:
-    """A trainer on the device Ray assigned it, whose epochs are also Ray metrics tagged with the
-    model and its role, for the Ray dashboard's metrics view (through Prometheus and Grafana) and
-    any Prometheus scraper."""
+class Gauged:
+    """A model's actor whose epochs are also Ray metrics tagged with the model and its role, for
+    the Ray dashboard's metrics view (through Prometheus and Grafana) and any Prometheus
+    scraper."""
     role = ""
-
-    def __init__(self, *args, device: str = "auto", **kwargs):
-        super().__init__(*args, device=assigned_device(device), **kwargs)
 
     def run_epoch(self, epoch: int, last: bytes | None = None, keep: bool = True):
         record, blob = super().run_epoch(epoch, last, keep)
@@ -71,16 +69,25 @@ class Metered:
         return record, blob
 
 
+class Metered(Gauged):
+    """A trainer on the device Ray assigned it, its epochs published as metrics."""
+
+    def __init__(self, *args, device: str = "auto", **kwargs):
+        super().__init__(*args, device=assigned_device(device), **kwargs)
+
+
 def _remote(cls, role: str):
-    """`cls` as a Ray actor class that also publishes its epochs as metrics."""
-    return ray.remote(type(cls.__name__, (Metered, cls), {"role": "student" if role == "stack"
-                                                          else role.split()[-1]}))
+    """`cls` as a Ray actor class that also publishes its epochs as metrics (a Group: its
+    workers' epochs)."""
+    return ray.remote(type(cls.__name__, (Gauged if cls is Group else Metered, cls),
+                           {"role": "student" if role == "stack" else role.split()[-1]}))
 
 
 REMOTE = {role: _remote(cls, role) for role, cls in (
     ("generalist", Trainer), ("specialist", SpecialistTrainer), ("student", Student),
     ("streamed generalist", StreamTrainer), ("streamed student", StreamStudent),
-    ("stack", StackedStudents))}
+    ("stack", StackedStudents), ("parallel generalist", Group), ("parallel student", Group))}
+GROUP_CALLS = 8  # a Group answers epoch calls while its workers report (a threaded actor)
 
 
 def _on_assigned_device(task):
@@ -99,7 +106,14 @@ TASKS = {"coordinate": _on_assigned_device(coordinate),
 def start_actor(role: str, name: str, namespace: str, res: ResourcesConfig, *args, **kwargs):
     """Start the trainer of `role` as the named actor `name` with the resources `res` asks for,
     spread over the nodes (Ray's default would fill one node first); its `device` (a keyword:
-    auto, cpu or cuda) becomes the one Ray assigned it."""
+    auto, cpu or cuda) becomes the one Ray assigned it. A model over several workers starts as
+    its Group (ensemble.workers), which holds no resources: its workers hold them."""
+    if res.workers > 1:
+        device = kwargs.pop("device", "auto")
+        return REMOTE[role].options(
+            name=name, namespace=namespace, num_cpus=0, max_concurrency=GROUP_CALLS,
+            max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
+        ).remote(role, name, namespace, res, args, kwargs, device=device)
     return REMOTE[role].options(
         name=name, namespace=namespace, num_cpus=res.num_cpus, num_gpus=res.num_gpus,
         max_restarts=res.max_restarts, max_task_retries=res.max_task_retries,
@@ -147,6 +161,7 @@ def check_resources(requests: dict[str, ResourcesConfig],
     waiting = set()
     for name, res in requests.items():
         want = {"CPU": res.num_cpus, "GPU": res.num_gpus}
+        _check_group(name, res, live, future)
         if _holds(live, want):
             continue
         if _holds(future, want):
@@ -163,6 +178,17 @@ def check_resources(requests: dict[str, ResourcesConfig],
                           f"cluster has more than {_most(live, key):g}{added}; lower its "
                           f"resources.num_{key.lower()}s or add a node that has them")
     return waiting
+
+
+def _check_group(name: str, res: ResourcesConfig, live: list[dict], future: list[dict]) -> None:
+    """Refuse workers (resources.workers) that the live cluster could never hold all at once,
+    when no autoscaler may add nodes (Ray Train would wait for them forever)."""
+    for key, need in (("CPU", res.cpus), ("GPU", res.gpus)):
+        have = sum(node.get(key, 0) for node in live)
+        if res.workers > 1 and not future and need > have + 1e-9:
+            raise ConfigError(f"{name} asks for {res.workers} workers with {need:g} {key} in "
+                              f"all, but this Ray cluster has {have:g}; lower "
+                              f"resources.workers or resources.num_{key.lower()}s")
 
 
 def _holds(nodes: list[dict], want: dict[str, float]) -> bool:

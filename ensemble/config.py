@@ -209,6 +209,9 @@ class ResourcesConfig:
     #   on the GPU Ray assigns it, and on CPU when it asks for none
     max_restarts: int = 3  # Ray restarts a crashed actor this often; it resumes from its checkpoint
     max_task_retries: int = 3  # an epoch interrupted by a crash is retried on the restarted actor
+    workers: int = 1  # data-parallel processes training this one model (Ray Train, DDP), each
+    #   with num_cpus and num_gpus above; train.batch_size stays the global batch. Generalists
+    #   and students; a worker's crash restarts the group from its last epoch (max_restarts)
 
     def __post_init__(self):
         _require(self.num_cpus > 0, "num_cpus", "must be > 0", self.num_cpus)
@@ -218,6 +221,16 @@ class ResourcesConfig:
         _require(self.max_restarts >= 0, "max_restarts", "must be >= 0", self.max_restarts)
         _require(self.max_task_retries >= 0, "max_task_retries", "must be >= 0",
                  self.max_task_retries)
+        _require(self.workers >= 1, "workers", "must be >= 1", self.workers)
+
+    @property
+    def cpus(self) -> float:
+        """CPUs the model holds: every worker's."""
+        return self.num_cpus * self.workers
+
+    @property
+    def gpus(self) -> float:
+        return self.num_gpus * self.workers
 
     @property
     def threads(self) -> int:
@@ -383,6 +396,7 @@ class RunConfig:
                  "specialists.k to 0", self.data.stream)
         _require(not (self.data.stream and self.stack_students), "stack_students",
                  "cannot stack streamed students", self.stack_students)
+        _check_workers(self)
         for name, student in self.students.items():
             _require(student.soft_targets == "generalists" or self.specialists.k > 0,
                      f"students.{name}.soft_targets", "can be 'ensemble' only with specialists "
@@ -423,6 +437,26 @@ class RunConfig:
 
 PAPER_ROWS = {"hard": "alpha 0", "distilled": "alpha > 0", "no3": "drop_classes [3] and alpha > 0",
               "only78": "keep_classes [7, 8] and alpha > 0"}  # what each row of §3 is
+
+
+def _check_workers(cfg: RunConfig) -> None:
+    """resources.workers: for generalists and students trained in memory, with a global batch
+    that the workers share evenly."""
+    _require(cfg.specialists.resources.workers == 1, "specialists.resources.workers",
+             "must be 1: a specialist trains in one process", cfg.specialists.resources.workers)
+    roles = [("generalists", cfg.generalists.train, cfg.generalists.resources)] + \
+        [(f"students.{n}", s.train, s.resources) for n, s in cfg.students.items()]
+    for key, train, res in roles:
+        if res.workers == 1:
+            continue
+        _require(train.batch_size % res.workers == 0, f"{key}.resources.workers",
+                 f"must divide train.batch_size ({train.batch_size}), the global batch they "
+                 "share", res.workers)
+        _require(not cfg.data.stream, f"{key}.resources.workers",
+                 "must be 1 with data.stream (a streamed model trains in one process)",
+                 res.workers)
+        _require(not train.compile, f"{key}.train.compile",
+                 "cannot be combined with resources.workers > 1", train.compile)
 
 
 def _check_paper_row(name: str, student: StudentConfig, students: dict) -> None:

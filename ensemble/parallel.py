@@ -6,8 +6,9 @@ rank r then trains on its share, the r-th of `world` near-equal parts. Distribut
 averages the gradients over the ranks, and each rank weighs its loss by its share's size, so the
 step is the global batch's mean gradient, as one process would take it: the learning rate keeps
 its meaning, and without dropout the weights follow a one-process run up to the rounding of the
-all-reduce. Dropout masks are each rank's own draws. Every rank evaluates (the weights are the
-same); rank 0's records and checkpoints are the model's.
+all-reduce. Dropout masks are each rank's own, drawn from a seed of (model, epoch, rank), so a
+group restarted from a checkpoint trains on exactly as before. Every rank evaluates (the
+weights are the same); rank 0's records and checkpoints are the model's.
 
 Pure PyTorch (`torch.distributed`, gloo on CPU, NCCL on CUDA): whoever starts the processes
 (Ray Train, ensemble.workers) sets up the process group first.
@@ -35,6 +36,13 @@ class DataParallel:
         self.compiled = None  # compiling under DDP is not supported here: eager
         devices = [self.device.index] if self.device.type == "cuda" else None
         self.wrapped = DistributedDataParallel(self.model, device_ids=devices)
+
+    def begin_epoch(self) -> float:
+        """As one process, but dropout draws from a seed of (model, epoch, rank): each rank its
+        own masks, and a group restarted from any checkpoint draws them again exactly."""
+        lr = super().begin_epoch()
+        torch.manual_seed((self.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        return lr
 
     def share(self, size: int) -> slice:
         """This rank's rows of a global batch of `size` examples (parts differ by at most 1)."""

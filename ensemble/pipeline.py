@@ -59,7 +59,8 @@ class Recipe:
             self.sched.train(JobSpec(
                 name, "generalist", "generalists", cfg.seed + i, gen.resources,
                 1 if gen.weights else gen.train.epochs,  # weights: one evaluation, done
-                critical=True, trainer="streamed generalist" if self.stream is not None else ""),
+                critical=True, trainer="streamed generalist" if self.stream is not None else
+                "parallel generalist" if gen.resources.workers > 1 else ""),
                 functools.partial(self._generalist_args, name, cfg.seed + i))
         self.sched.step(JobSpec("generalists", "step", waits_for=names, critical=True),
                         self._share_generalists)
@@ -89,7 +90,8 @@ class Recipe:
             specs.append(JobSpec(f"student-{name}", "student", f"students.{name}",
                                  cfg.seed + STUDENT_SEED_OFFSET + k, scfg.resources,
                                  scfg.train.epochs, teacher if scfg.uses_teacher else (),
-                                 trainer="streamed student" if self.stream is not None else ""))
+                                 trainer="streamed student" if self.stream is not None else
+                                 "parallel student" if scfg.resources.workers > 1 else ""))
         stacks = 0
         for group in self._stacks(specs) if cfg.stack_students else [[s] for s in specs]:
             if len(group) == 1:

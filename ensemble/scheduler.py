@@ -29,6 +29,7 @@ from ensemble.errors import TrainingError
 
 UNAVAILABLE_RETRIES = 60  # an unreachable actor's epoch is asked again this often, ...
 UNAVAILABLE_PAUSE_S = 1.0  # ... this far apart (a dead node is noticed within seconds)
+GROUP_FINISH_S = 60.0  # a finished data-parallel model's Ray Train run is given this to end
 
 
 @dataclass(frozen=True)
@@ -187,10 +188,10 @@ class Scheduler:
         if job.spec.role == "step" or not self.active:
             return True
         res, total = job.spec.resources, cluster["resources"]
-        held_cpu = sum(j.spec.resources.num_cpus for j, _ in self.active.values())
-        held_gpu = sum(j.spec.resources.num_gpus for j, _ in self.active.values())
-        return (held_cpu + res.num_cpus <= total.get("CPU", 0) + 1e-9
-                and held_gpu + res.num_gpus <= total.get("GPU", 0) + 1e-9) \
+        held_cpu = sum(j.spec.resources.cpus for j, _ in self.active.values())
+        held_gpu = sum(j.spec.resources.gpus for j, _ in self.active.values())
+        return (held_cpu + res.cpus <= total.get("CPU", 0) + 1e-9
+                and held_gpu + res.gpus <= total.get("GPU", 0) + 1e-9) \
             or not fits_a_live_node(res, cluster["nodes"])
 
     def _start(self, job: Job, cluster: dict | None) -> None:
@@ -305,6 +306,9 @@ class Scheduler:
 
     def _stop(self, job: Job) -> None:
         if job.actor is not None:
+            if job.finished and job.spec.resources.workers > 1:  # its workers release theirs
+                with contextlib.suppress(RayError):
+                    ray.get(job.actor.finish.remote(), timeout=GROUP_FINISH_S)
             ray.kill(job.actor, no_restart=True)
             job.actor = None
 

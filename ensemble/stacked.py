@@ -41,6 +41,8 @@ def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
             return "stacked students must be MLPs without dropout"
         if cfg.train.augment:
             return "stacked students must train without augmentation (train.augment)"
+        if cfg.resources.workers > 1:
+            return "a student trained over several workers is not stacked"
         if (cfg.train.optimizer, cfg.train.decay, cfg.train.label_smoothing) != ("sgd", "all", 0):
             return "stacked students must use SGD, decay on all parameters, no label smoothing"
         if to_dict(cfg.model) != to_dict(first.model):

@@ -99,13 +99,16 @@ def specialists_run(ray_session, data_root, tmp_path_factory):
 # from this test run's own outcomes.
 _OUTCOMES: dict[str, bool] = {}
 _GROUPS = {
-    "faults injected and survived": ("tests/test_faults.py::", "tests/test_processes.py::"),
-    "bad inputs refused cleanly": ("tests/test_cli.py::test_bad", "tests/test_config.py::test_bad"),
+    "faults injected and survived": ("tests/test_faults.py::", "tests/test_processes.py::",
+                                     "tests/test_parallel.py::test_a_killed_worker"),
+    "bad inputs refused cleanly": ("tests/test_cli.py::test_bad", "tests/test_config.py::test_bad",
+                                   "tests/test_parallel.py::test_bad"),
     "resume equal to an uninterrupted run": (
         "tests/test_train.py::test_resume_is_bit_identical",
         "tests/test_specialize.py::test_specialist_trains_measures_and_resumes",
         "tests/test_faults.py::test_killed_actor_resumes_to_identical_weights",
-        "tests/test_models.py::test_factory_model_resumes_bit_exactly"),
+        "tests/test_models.py::test_factory_model_resumes_bit_exactly",
+        "tests/test_parallel.py::test_a_killed_worker"),
 }
 
 
