@@ -27,7 +27,9 @@ from ensemble.train import pick_device
 
 PARALLEL = {"parallel generalist": ParallelTrainer, "parallel student": ParallelStudent}
 TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no spot-instance watcher to start
-             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # a dead worker is noticed at once
+             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # a dead worker is noticed at once
+             "RAY_CHDIR_TO_TRIAL_DIR": "0"}  # workers stay where the job runs (imports of
+#                                             a model's factory resolve as in any actor)
 
 
 class Group:
@@ -91,7 +93,7 @@ class Group:
             self.ready.notify_all()
 
     def _fit(self) -> None:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         os.environ.update(TRAIN_ENV)  # the controller and workers inherit them
@@ -104,8 +106,10 @@ class Group:
                                "device": self.device_asked},
             scaling_config=ScalingConfig(num_workers=self.res.workers, use_gpu=gpu,
                                          resources_per_worker=each),
-            run_config=RunConfig(name=f"{self.namespace}.{self.name}", failure_config=FailureConfig(
-                max_failures=self.res.max_restarts)))
+            run_config=RunConfig(
+                name=f"{self.namespace}.{self.name}",
+                failure_config=FailureConfig(max_failures=self.res.max_restarts),
+                logging_config=LoggingConfig(log_level="WARNING")))  # the terminal is the run's
         error = None
         try:
             trainer.fit()

@@ -1,0 +1,108 @@
+"""One model over several workers (resources.workers, Ray Train) against one process.
+
+    python benchmarks/data_parallel.py [--data-dir ../shared/data] [--epochs 3]
+                                       [--out results/data_parallel.md]
+    python benchmarks/data_parallel.py --gpus 1,2,4,8 [--address auto]   # on a GPU cluster
+
+The paper's 2x1200 teacher (dropout, max-norm, +-2-pixel translation) on MNIST's 50,000
+training images at a global batch of 512, each setting a whole `ensemble run` of its own (a
+fresh local Ray, or the cluster at --address). Throughput is the training examples per second
+of the model's epochs (the median over epochs after the first; startup is left out), as its
+checkpoint records them.
+On CPU: 2 workers x 1 thread (gloo all-reduce) against 1 worker x 1 thread
+(`data_parallel_2x1_vs_1x1`, target >= 1.5) and against 1 worker x 2 threads
+(`data_parallel_2x1_vs_1x2`, reported). With --gpus: N workers x 1 GPU (NCCL) against one GPU,
+scaling efficiency = ratio / N (target >= 0.85 up to 8).
+`name: value` lines end the results file.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from ensemble import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = """
+name: data-parallel-{tag}
+data: {{val_size: 10000, train_size: {train_size}, download: false}}
+generalists:
+  model: {{hidden: [1200, 1200], dropout_in: 0.2, dropout_hidden: 0.5, max_norm: 3.9}}
+  train: {{epochs: {epochs}, batch_size: 512, lr: 0.1, augment: [translate:2]}}
+  resources: {{workers: {workers}, num_cpus: {cpus}, num_gpus: {gpus}}}
+"""
+
+
+def throughput(tag: str, workers: int, cpus: float, gpus: float, epochs: int, args,
+               work: Path) -> float:
+    """Training examples per second of one generalist trained as asked (one `ensemble run`)."""
+    config = work / f"{tag}.yaml"
+    config.write_text(CONFIG.format(tag=tag, epochs=epochs, workers=workers, cpus=cpus, gpus=gpus,
+                                     train_size=args.train_size))
+    run = work / tag
+    argv = [sys.executable, "-m", "ensemble.cli", "run", str(config), "--run-dir", str(run),
+            "--data-dir", args.data_dir] + (["--address", args.address] if args.address else [])
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    _, meta = checkpoint.load_latest(run / "checkpoints" / "generalist-0")
+    rates = [r["samples_per_s"] for r in meta["history"][1:]]
+    print(f"{tag}: {statistics.median(rates):,.0f} examples/s", flush=True)
+    return statistics.median(rates)
+
+
+def cpu_table(args, work: Path) -> tuple[list[str], list[str]]:
+    one = throughput("1x1", 1, 1, 0, args.epochs, args, work)
+    two_threads = throughput("1x2", 1, 2, 0, args.epochs, args, work)
+    two_workers = throughput("2x1", 2, 1, 0, args.epochs, args, work)
+    rows = [f"| 1 worker x 1 thread | {one:,.0f} | 1.00 |",
+            f"| 1 worker x 2 threads | {two_threads:,.0f} | {two_threads / one:.2f} |",
+            f"| 2 workers x 1 thread (gloo) | {two_workers:,.0f} | {two_workers / one:.2f} |"]
+    lines = [f"data_parallel_2x1_vs_1x1: {two_workers / one:.2f}",
+             f"data_parallel_2x1_vs_1x2: {two_workers / two_threads:.2f}"]
+    return rows, lines
+
+
+def gpu_table(args, work: Path) -> tuple[list[str], list[str]]:
+    counts = [int(n) for n in args.gpus.split(",")]
+    rates = {n: throughput(f"{n}gpu", n, 1, 1, args.epochs, args, work) for n in counts}
+    base = rates[counts[0]] / counts[0]
+    rows = [f"| {n} worker(s) x 1 GPU (NCCL) | {rate:,.0f} | {rate / base:.2f} |"
+            for n, rate in rates.items()]
+    lines = [f"data_parallel_scaling_{n}gpu: {rate / base / n:.2f}" for n, rate in rates.items()]
+    return rows, lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-size", type=int, default=0, help="0: all 50,000 (a try: fewer)")
+    parser.add_argument("--gpus", default="", help="e.g. 1,2,4,8: GPU workers per setting")
+    parser.add_argument("--address", default="", help="a Ray cluster (else a local Ray each)")
+    parser.add_argument("--out", default=str(ROOT / "results" / "data_parallel.md"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ensemble-dp-") as work:
+        rows, lines = (gpu_table if args.gpus else cpu_table)(args, Path(work))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    cpu = "AVX-512 BF16" if "avx512_bf16" in flags else "no AVX-512 BF16"
+    text = ["# One model over several workers", "",
+            f"`python benchmarks/data_parallel.py{' --gpus ' + args.gpus if args.gpus else ''}`; "
+            f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores ({cpu}), "
+            f"git commit {commit}. The paper's 2x1200 teacher, MNIST's "
+            f"{args.train_size or 50_000:,} training images, "
+            f"global batch 512, {args.epochs} epochs per setting; throughput is the median "
+            "over the epochs after the first, as the model's checkpoint records it.", "",
+            "| setting | training examples/s | vs the first |", "|---|---:|---:|",
+            *rows, "", *lines]
+    Path(args.out).write_text("\n".join(text) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
