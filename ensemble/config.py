@@ -173,6 +173,8 @@ class TrainConfig:
     augment: tuple[str, ...] = ()  # each training batch, on its device, in this order: flip,
     #   translate:P (up to P pixels, zeros filling in; §3's teacher: translate:2), crop:P
     #   (padding P by reflection; CIFAR: crop:4), elastic:ALPHA[:SIGMA] (Simard et al.: 34:4)
+    patience: int = 0  # early stopping: training ends once validation errors have not improved
+    #   for this many epochs (the best epoch's weights are the model's, as always); 0 = off
     shuffle: bool = True  # a fresh order each epoch; false: the data set's order, every epoch
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls, weights and optimiser
     #   state stay fp32; for GPUs and AVX-512 BF16 / AMX CPUs (elsewhere torch emulates bf16:
@@ -200,6 +202,7 @@ class TrainConfig:
         _require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "must be in [0, 1)",
                  self.label_smoothing)
         augment_steps(self.augment)
+        _require(self.patience >= 0, "patience", "must be >= 0 (0 turns it off)", self.patience)
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,10 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.done if self.spec.role in ("task", "step") else self.epoch >= self.spec.epochs
+        if self.spec.role in ("task", "step"):
+            return self.done
+        return self.epoch >= self.spec.epochs or bool(self.history and  # or stopped early
+                                                      self.history[-1].get("stopped"))
 
     def status(self) -> str:
         return "failed" if self.error else "finished" if self.finished else "training"
@@ -272,7 +275,8 @@ class Scheduler:
         job.epoch = (record[0] if job.members else record)["epoch"]
         if blob is not None:  # a checkpoint came with it: the ref travels on, if need be
             job.blob, job.saved_epoch = blob_ref, job.epoch
-        if not job.finished:
+        stopped = not job.members and record.get("stopped")  # early: validation stalled
+        if not job.finished and not stopped:
             self._submit(job)
         if job.members:  # a stack: a record and a checkpoint per member
             for member, one, member_blob in zip(job.members, record, blob or [None] * len(record)):

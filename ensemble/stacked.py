@@ -41,6 +41,8 @@ def why_not_stackable(cfgs: Sequence[StudentConfig]) -> str | None:
             return "stacked students must be MLPs without dropout"
         if cfg.train.augment:
             return "stacked students must train without augmentation (train.augment)"
+        if cfg.train.patience:
+            return "stacked students must train without early stopping (train.patience)"
         if cfg.resources.workers > 1:
             return "a student trained over several workers is not stacked"
         if (cfg.train.optimizer, cfg.train.decay, cfg.train.label_smoothing) != ("sgd", "all", 0):

@@ -26,6 +26,8 @@ from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import apply_max_norm, build_model, count_parameters, normalized
 
 EVAL_BATCH = 2000  # rows per forward pass when evaluating: large enough to be fast, small in memory
+TOP5_FROM = 10  # more classes than this: top-5 test errors are recorded too
+CONFUSION_UP_TO = 100  # classes up to which the best epoch's test confusion matrix is kept
 
 
 def pick_device(name: str | torch.device = "auto",
@@ -262,11 +264,15 @@ class Trainer:
             raise TrainingError(f"{self.name}: the loss became {mean_loss} in epoch {self.epoch}; "
                                 "lower the learning rate")
         test_x, test_y = self.test  # reported, never used to choose
+        top5 = {}
         if predicted is None:
             with self.autocast():
                 val_errors = count_errors(self.model, *self.val)
-                test_pred = predict_logits(self.model, test_x).argmax(1) if len(test_x) \
-                    else test_y
+                logits = predict_logits(self.model, test_x) if len(test_x) else None
+            test_pred = logits.argmax(1) if logits is not None else test_y
+            if logits is not None and self.classes > TOP5_FROM:  # many classes: top-5 too
+                hit = (logits.topk(5, dim=1).indices == test_y[:, None]).any(1)
+                top5 = {"test_errors_top5": int((~hit).sum())}
         else:
             val_errors, test_pred = int((predicted[0] != self.val[1]).sum()), predicted[1]
         test_errors = int((test_pred != test_y).sum())
@@ -274,13 +280,16 @@ class Trainer:
                 val_errors < self.best_val_errors:
             self.best_epoch, self.best_val_errors = self.epoch, val_errors
             self.best_state = self._state_copy()
-            self.best_confusion = confusion_matrix(test_y, test_pred, self.classes)
+            self.best_confusion = confusion_matrix(test_y, test_pred, self.classes) \
+                if self.classes <= CONFUSION_UP_TO else None
         record = {
             "epoch": self.epoch, "loss": mean_loss, "lr": lr,
             "val_errors": val_errors, "test_errors": test_errors,
             "samples_per_s": n / train_seconds, "train_seconds": train_seconds,
             "seconds": time.perf_counter() - start, "finished_at": time.time(),
-            "best_epoch": self.best_epoch, "best_val_errors": self.best_val_errors,
+            "best_epoch": self.best_epoch, "best_val_errors": self.best_val_errors, **top5,
+            "stopped": 0 < self.cfg.patience <= self.epoch - self.best_epoch and  # early stop
+                       self.epoch < self.cfg.epochs,
         }
         self.history.append(record)
         return record
@@ -308,7 +317,7 @@ class Trainer:
             return None, None
         self.ready_for(epoch, last)
         record = self.train_epoch()
-        return record, self.checkpoint() if keep else None
+        return record, self.checkpoint() if keep or record["stopped"] else None
 
     def ready_for(self, epoch: int, last: bytes | None) -> None:
         """Be at `epoch - 1`, restoring `last` (the checkpoint of that epoch) if need be."""
@@ -341,6 +350,8 @@ class Trainer:
         return {"name": self.name, "parameters": count_parameters(self.model),
                 "epochs": self.epoch, "best_epoch": self.best_epoch,
                 "val_errors": best.get("val_errors"), "test_errors": best.get("test_errors"),
+                **({"test_errors_top5": best["test_errors_top5"]} if "test_errors_top5" in best
+                   else {}),
                 "wall_seconds": sum(r["seconds"] for r in self.history),
                 "test_confusion": self.best_confusion}
 

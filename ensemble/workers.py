@@ -67,7 +67,7 @@ class Group:
                 raise TrainingError(self.error or f"{self.name}: its workers ended before "
                                     f"epoch {epoch}")
             record, blob = self.records.pop(epoch)
-        return record, blob if keep else None
+        return record, blob if keep or record["stopped"] else None
 
     def finish(self, timeout: float = 60.0) -> None:
         """Wait for Ray Train to end its run (after the last epoch), so that its workers and
@@ -141,6 +141,8 @@ def rank_loop(cfg: dict) -> None:
         record = trainer.train_epoch()
         if rank == 0:  # waits: the group holds at most the epochs not yet collected
             ray.get(group.report.remote(record, trainer.checkpoint()))
+        if record["stopped"]:  # every rank decides alike: the same validation errors
+            break
 
 
 def _last_line(err: Exception) -> str:

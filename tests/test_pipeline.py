@@ -311,3 +311,21 @@ def test_students_share_one_set_of_teacher_outputs(ray_session, data_root, tmp_p
                        "student-jittered": "per batch"}
     assert "soft targets" in metrics["timings"]
     assert all(m["status"] == "finished" for m in metrics["models"].values())
+
+
+def test_early_stopping_ends_a_model_and_resume_leaves_it_finished(ray_session, data_root,
+                                                                    tmp_path, capsys):
+    config = tmp_path / "patience.yaml"
+    config.write_text(CONFIG.split("students:")[0].replace("count: 2", "count: 1")
+                      .replace("epochs: 3,", "epochs: 40, patience: 1,"))
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(run)]) == 0
+    blob, meta = checkpoint.load_latest(run / "checkpoints" / "generalist-0")
+    history = meta["history"]
+    assert history[-1]["stopped"] and len(history) < 40
+    assert not any(r["stopped"] for r in history[:-1])
+    assert meta["epoch"] == len(history)  # its last epoch's checkpoint was kept
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "--data-dir", str(data_root)]) == 0
+    assert "finished earlier" in capsys.readouterr().out
+    assert checkpoint.load_latest(run / "checkpoints" / "generalist-0")[1]["history"] == history

@@ -1,5 +1,6 @@
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from ensemble.data import as_float, load_splits
 from ensemble.distill import Student
 from ensemble.errors import CheckpointError, TrainingError
 from ensemble.models import load_model
-from ensemble.train import Trainer, learning_rate, optimizer, pick_device
+from ensemble.train import Trainer, learning_rate, optimizer, pick_device, predict_logits
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.1, dropout_hidden=0.3, max_norm=2.0)
 TRAIN = TrainConfig(epochs=3, batch_size=50, lr=0.3)
@@ -290,3 +291,40 @@ def test_failed_compile_falls_back_to_eager(data_root):
         record = broken.train_epoch()
     assert broken.compiled is None
     assert record["loss"] == eager.train_epoch()["loss"]  # eager from the first batch on
+
+
+def test_early_stopping_ends_once_validation_stalls_and_keeps_the_best(splits):
+    """train.patience: the epoch `patience` after the best one says stopped (and sends its
+    checkpoint even when not asked); the model is the best epoch's. Many classes: top-5 too."""
+    cfg = TrainConfig(epochs=40, batch_size=50, lr=0.3, patience=2)
+    t = Trainer("g", MODEL, cfg, splits, seed=3)
+    records = []
+    while not (records and records[-1]["stopped"]):
+        record, blob = t.run_epoch(t.epoch + 1, keep=False)
+        records.append(record)
+        assert (blob is not None) == record["stopped"]
+    last = records[-1]
+    assert last["epoch"] < 40 and last["epoch"] - last["best_epoch"] == 2
+    assert all(r["epoch"] - r["best_epoch"] < 2 for r in records[:-1])
+    assert t.summary()["best_epoch"] == last["best_epoch"]
+    assert "test_errors_top5" not in last  # 10 classes: top-1 only
+    assert not Trainer("g", MODEL, TrainConfig(epochs=3), splits, seed=3).train_epoch()["stopped"]
+
+
+def test_many_classes_record_top5_errors_and_no_confusion_matrix():
+    from ensemble.data import Splits
+    from tests.conftest import synthetic_digits
+
+    def part(n, seed):
+        x, y = synthetic_digits(n, seed, size=12, classes=120)
+        return x[:, None], y.astype(np.int64)
+
+    splits = Splits("glyphs", tuple(f"c{i}" for i in range(120)), *part(600, 0), *part(240, 1),
+                    *part(240, 2))
+    t = Trainer("g", ModelConfig(hidden=(64,), dropout_in=0, dropout_hidden=0),
+                TrainConfig(epochs=1, batch_size=60, lr=0.3), splits, seed=0)
+    record = t.train_epoch()
+    logits = predict_logits(t.model, t.test[0])
+    top5 = int((~(logits.topk(5, 1).indices == t.test[1][:, None]).any(1)).sum())
+    assert record["test_errors_top5"] == top5 < record["test_errors"]
+    assert t.summary()["test_errors_top5"] == top5 and t.best_confusion is None
