@@ -300,6 +300,9 @@ class SpecialistsConfig:
     min_tie: float = -1.0  # a class less tied than this to every cluster stays with the generalist
     min_size: int = 2  # smaller subsets get no specialist
     fraction: float = 0.5  # §5.1: half of each batch from the subset, half from the rest
+    epoch: Literal["training set", "subset"] = "training set"  # a specialist's epoch: as many
+    #   examples as the training set, or as show each subset example about once (many classes:
+    #   a subset is a small share of the set, and its specialist starts from the generalist)
     top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
     combine_tol: float = 1e-7  # stop the eq. 5 solver when q moves less than this
     combine_steps: int = 500  # ... or after this many steps

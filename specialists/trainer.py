@@ -24,6 +24,7 @@ class SpecialistTrainer(Trainer):
                  data: Splits, seed: int, threads: int = 1, device: str | torch.device = "auto"):
         self.member_list, self.generalist_blob = [int(c) for c in members], generalist
         self.fraction, self.full_classes = cfg.fraction, data.num_classes
+        self.epoch_of = cfg.epoch
         model_cfg = parse(ModelConfig, checkpoint.read_meta(generalist)["model"], "model")
         super().__init__(name, model_cfg, cfg.train, data, seed, threads, device)
         members_t = torch.tensor(self.member_list, device=self.device)
@@ -49,7 +50,9 @@ class SpecialistTrainer(Trainer):
         return model.train()
 
     def epoch_batches(self):
-        steps = -(-len(self.y) // self.cfg.batch_size)
+        shown = len(self.y) if self.epoch_of == "training set" else \
+            len(self.inside) / self.fraction  # the subset's examples about once each
+        steps = max(1, -(-int(shown) // self.cfg.batch_size))
         drawn_in = torch.zeros((), dtype=torch.long, device=self.device)
         for _ in range(steps):
             idx = draw_batch(self.inside, self.outside, self.cfg.batch_size, self.fraction,

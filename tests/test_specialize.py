@@ -3,6 +3,8 @@ by it (specialists.coordinator, specialists.trainer, specialists.ensemble, ensem
 import dataclasses
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,8 @@ from specialists.trainer import SpecialistTrainer
 CPU = torch.device("cpu")
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.0, dropout_hidden=0.1)
-SPEC = SpecialistsConfig(k=3, train=TrainConfig(epochs=2, batch_size=50, lr=0.1, augment=("translate:1",)))
+SPEC = SpecialistsConfig(k=3, train=TrainConfig(epochs=2, batch_size=50, lr=0.1,
+                                                augment=("translate:1",)))
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +163,14 @@ def test_shared_teacher_outputs_give_each_student_its_own_soft_targets(setup, te
         assert (own.targets_from, shared.targets_from) == ("computed once", "shared")
         assert shared.teacher is None  # it loaded no teacher model
         torch.testing.assert_close(shared.targets, own.targets, rtol=0, atol=1e-6)
+
+
+def test_a_specialists_epoch_can_be_sized_by_its_subset(setup):
+    splits, blob = setup
+    whole = SpecialistTrainer("s", [3, 5], blob, SPEC, splits, seed=1)
+    subset = SpecialistTrainer("s", [3, 5], blob, dataclasses.replace(SPEC, epoch="subset"),
+                               splits, seed=1)
+    inside = int(np.isin(splits.train_y, [3, 5]).sum())
+    assert len(list(whole.epoch_batches())) == -(-len(splits.train_y) // SPEC.train.batch_size)
+    assert len(list(subset.epoch_batches())) == -(-int(inside / 0.5) // SPEC.train.batch_size)
+    assert len(list(subset.epoch_batches())) < len(list(whole.epoch_batches()))
