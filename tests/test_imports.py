@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ensemble", "specialists")
-RAY_LAYER = {"ensemble.actors", "ensemble.scheduler", "ensemble.pipeline"}  # they import Ray
+RAY_LAYER = {"ensemble.actors", "ensemble.scheduler", "ensemble.pipeline",
+             "ensemble.workers"}  # they import Ray
 
 
 def modules() -> dict[str, Path]:
