@@ -132,7 +132,9 @@ def _adopt_generalists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes]]:
             name, epochs = f"generalist-{i}", theirs.train.epochs
             latest = src.latest(name)
             done = latest[1].get("epoch", 0) if latest else 0
-            if done < epochs:
+            stopped = bool(latest and latest[1]["history"] and  # early (train.patience)
+                           latest[1]["history"][-1].get("stopped"))
+            if done < epochs and not stopped:
                 raise ConfigError(f"generalists.from_run: {name} of {source} has trained {done} "
                                   f"of its {epochs} epochs; finish it first with "
                                   f"'ensemble run --resume {source}'")

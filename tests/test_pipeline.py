@@ -329,3 +329,7 @@ def test_early_stopping_ends_a_model_and_resume_leaves_it_finished(ray_session, 
     assert main(["run", "--resume", str(run), "--data-dir", str(data_root)]) == 0
     assert "finished earlier" in capsys.readouterr().out
     assert checkpoint.load_latest(run / "checkpoints" / "generalist-0")[1]["history"] == history
+    # a run taking over these generalists counts the stopped one as finished
+    taker = tmp_path / "taker"
+    assert main(["run", str(config), "--data-dir", str(data_root), "--run-dir", str(taker),
+                 "--set", f"generalists.from_run={run}"]) == 0
