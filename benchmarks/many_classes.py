@@ -1,7 +1,18 @@
 """Specialists on many classes (issue 22): the paper's Tables 3 and 4 in shape, from finished runs.
 
     python benchmarks/many_classes.py --run runs/many-short [--equal-compute RUN]
-                                      [--out results/many_classes.md]
+                                      [--out results/many_classes_short.md]
+    python benchmarks/many_classes.py --study runs/many [--out results/many_classes.md]
+
+--study runs (or resumes: run it again after any stop) the whole study as `ensemble run`s in
+DIR, each from configs/many_classes/short.yaml's data and recipes, then writes its results:
+1. generalists of each size in SIZES, trained until validation stalls (train.patience); the
+   one with fewer validation errors is the generalist (`gen-small`, `gen-large`);
+2. specialists from it for each k in KS (`k8` ...); k chosen by eq. 5's validation errors;
+3. the equal-compute alternative: as many more generalists of that size as the chosen k's
+   specialists took time, averaged (`equal`);
+4. students of the generalist's size, SEEDS seeds each: hard labels, from the generalist, from
+   generalist + specialists at the chosen k (`students`).
 
 --run: a run with specialists and, optionally, the students `generalists` (taught by the
 generalists) and `ensemble` (by generalists + specialists, eq. 5), e.g. of
@@ -17,6 +28,8 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+
+import yaml
 
 from ensemble import checkpoint
 from ensemble.config import load_config
@@ -45,6 +58,17 @@ def data_section(cfg, run: Path, test_n: int) -> list[str]:
         splits.setdefault(split, []).append(family)
     lines += [f"- {split}: {', '.join(names)}" for split, names in sorted(splits.items())]
     return lines + [""]
+
+
+def class_names(cfg) -> list[str]:
+    """The characters of the data set's manifest, else the npz file's own names."""
+    manifest = Path(cfg.data.npz).with_name("manifest.json")
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["classes"]
+    import numpy as np
+
+    with np.load(cfg.data.npz) as found:
+        return [str(c) for c in found["classes"]]
 
 
 def subsets_section(run: Path, classes: list[str]) -> list[str]:
@@ -89,16 +113,19 @@ def table4(ens: dict) -> tuple[list[str], str]:
     return lines + [""], share
 
 
-def models_section(run: Path, names: list[str]) -> list[str]:
-    lines = ["| model | epochs | best epoch | val errors | test errors | top-5 test errors | "
-             "wall time |", "|---|---:|---:|---:|---:|---:|---:|"]
+MODELS = ["| model | epochs | best epoch | val errors | test errors | top-5 test errors | "
+          "wall time |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+
+def model_rows(run: Path, names: list[str], label: str = "") -> list[str]:
+    rows = []
     for name in names:
         s = summary(run, name)
         if s is not None:
-            lines.append(f"| {name} | {s['epochs']} | {s['best_epoch']} | {s['val_errors']:,} | "
-                         f"{s['test_errors']:,} | {s.get('test_errors_top5', 'n/a')} | "
-                         f"{s['wall_seconds']:,.0f} s |")
-    return lines + [""]
+            rows.append(f"| {label or name} | {s['epochs']} | {s['best_epoch']} | "
+                        f"{s['val_errors']:,} | {s['test_errors']:,} | "
+                        f"{s.get('test_errors_top5', 'n/a')} | {s['wall_seconds']:,.0f} s |")
+    return rows
 
 
 def equal_compute(run: Path, ens: dict, other: Path | None) -> str:
@@ -112,18 +139,189 @@ def equal_compute(run: Path, ens: dict, other: Path | None) -> str:
     return f"{(theirs - ens['test']['ensemble_errors']) / theirs:.3f}"
 
 
+SIZES = {"small": [32, 64, 128], "large": [64, 96, 192]}  # SmallCNN widths
+KS = (8, 16, 32, 64)
+SEEDS = 3
+
+
+def stage(folder: Path, name: str, raw: dict) -> Path:
+    """The run `name` in `folder`: started from `raw` (a config mapping), or resumed if it
+    exists (a finished one only says so); SystemExit if it fails. In this process: on the Ray
+    it has started, if any (tests), else on a local Ray of the run's own."""
+    from ensemble.cli import main as ensemble
+
+    run = folder / name
+    if (run / "config.yaml").is_file():
+        argv = ["run", "--resume", str(run)]
+    else:
+        config = folder / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        argv = ["run", str(config), "--run-dir", str(run)]
+    print(f"== {name}", flush=True)
+    code = ensemble(argv)
+    if code:
+        raise SystemExit(f"the study's run {name} failed (exit {code}); run the study again "
+                         "to resume it")
+    return run
+
+
+def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS) -> dict[str, Path]:
+    """Run every stage of the study in turn (see the module's docstring) from `base` (a config
+    mapping with data, generalists, specialists and a student 'generalists')."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = base["generalists"]
+    runs = {}
+    for size, widths in sizes.items():
+        raw = {"name": f"many-gen-{size}", "data": base["data"], "generalists": {
+            **gen, "model": {**gen["model"], "hidden": widths},
+            "train": {**gen["train"], "epochs": 30}}}
+        runs[f"gen-{size}"] = stage(folder, f"gen-{size}", raw)
+    best = min(sizes, key=lambda s: summary(runs[f"gen-{s}"], "generalist-0")["val_errors"])
+    source = {"from_run": str(runs[f"gen-{best}"])}
+    for k in ks:
+        raw = {"name": f"many-k{k}", "data": base["data"], "generalists": source,
+               "specialists": {**base["specialists"], "k": k}}
+        runs[f"k{k}"] = stage(folder, f"k{k}", raw)
+    k = min(ks, key=lambda k: _json(runs[f"k{k}"], "ensemble.json")["val"]["ensemble_errors"])
+    walls = _walls(runs[f"k{k}"])
+    extra = round(walls["specialists"] / walls["generalist-0"])
+    chosen = yaml.safe_load((runs[f"gen-{best}"] / "config.yaml").read_text())["generalists"]
+    runs["equal"] = stage(folder, "equal", {"name": "many-equal", "data": base["data"],
+                                            "generalists": {**chosen, "count": 1 + extra}})
+    student = {**base["students"]["generalists"],
+               "model": {**base["students"]["generalists"]["model"],
+                         "hidden": sizes[best]}}
+    students = {}
+    for i in range(seeds):
+        students[f"hard-s{i}"] = {**student, "alpha": 0.0}
+        students[f"generalists-s{i}"] = student
+        students[f"ensemble-s{i}"] = {**student, "soft_targets": "ensemble"}
+    runs["students"] = stage(folder, "students", {
+        "name": "many-students", "data": base["data"], "generalists": source,
+        "specialists": {**base["specialists"], "k": k}, "students": students})
+    return runs
+
+
+def _json(run: Path, name: str) -> dict:
+    return json.loads((run / name).read_text())
+
+
+def _walls(run: Path) -> dict[str, float]:
+    names = [p.name for p in (run / "checkpoints").iterdir()]
+    walls = {n: summary(run, n)["wall_seconds"] for n in names}
+    walls["specialists"] = sum(v for n, v in walls.items() if n.startswith("specialist-"))
+    if "generalist-0" not in walls:  # taken over: the source run's
+        source = load_config(run / "config.yaml").generalists.from_run
+        walls["generalist-0"] = summary(Path(source), "generalist-0")["wall_seconds"]
+    return walls
+
+
+def averaged(run: Path, data_dir: str) -> dict[str, int]:
+    """Validation and test errors of the run's generalists with their probabilities averaged."""
+    import torch
+
+    from ensemble.data import load_splits, to_pixels
+    from ensemble.teacher import load_teacher
+
+    cfg = load_config(run / "config.yaml")
+    splits = load_splits(cfg.data, data_dir or None)
+    blobs = [checkpoint.load_latest(run / "checkpoints" / f"generalist-{i}")[0]
+             for i in range(cfg.generalists.count)]
+    teacher = load_teacher(blobs, torch.device("cpu"))
+    out = {}
+    for part, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x,
+                                                              splits.test_y)):
+        with torch.no_grad():
+            probs = torch.cat([teacher.probs(to_pixels(x[i:i + 2000], torch.device("cpu")), 1.0)
+                               for i in range(0, len(x), 2000)])
+        out[part] = int((probs.argmax(1).numpy() != y).sum())
+    return out
+
+
+def study(folder: Path, args) -> None:
+    runs = plan_runs(folder, yaml.safe_load(Path(args.base).read_text()))
+    text = study_report(runs, args.data_dir)
+    Path(args.out or ROOT / "results" / "many_classes.md").write_text(text)
+    print(text)
+
+
+def study_report(runs: dict[str, Path], data_dir: str) -> str:
+    sizes = [n for n in runs if n.startswith("gen-")]
+    best = min(sizes, key=lambda n: summary(runs[n], "generalist-0")["val_errors"])
+    ks = {n: _json(runs[n], "ensemble.json") for n in runs if n[0] == "k" and n[1:].isdigit()}
+    k = min(ks, key=lambda n: ks[n]["val"]["ensemble_errors"])
+    ens = ks[k]
+    test_n = sum(r["examples"] for r in ens["table4"])
+    cfg = load_config(runs[best] / "config.yaml")
+    lines = ["# Specialists on many classes", "",
+             f"`python benchmarks/many_classes.py --study {runs[best].parent}`: every run in that "
+             "folder. Choices on validation; test only reported.", "",
+             *data_section(cfg, runs[best], test_n), "Generalists (each trained until "
+             f"validation stalled for {cfg.generalists.train.patience} epochs):", ""]
+    lines += MODELS
+    for n in sizes:
+        lines += model_rows(runs[n], ["generalist-0"], label=n)
+    lines += ["", f"Chosen on validation: {best}.", "", "Specialists per k (eq. 5, top "
+              f"{ens.get('top_n', 1)}):", "", "| k | subsets | val errors: generalist, with "
+              "specialists | test errors: generalist, with specialists | relative test "
+              "accuracy gain |", "|---:|---:|---:|---:|---:|"]
+    for n, e in ks.items():
+        acc_g, acc_e = (1 - e["test"][w] / test_n for w in ("generalist_errors",
+                                                              "ensemble_errors"))
+        subsets = len(_json(runs[n], "subsets.json")["subsets"])
+        lines.append(f"| {n[1:]} | {subsets} | {e['val']['generalist_errors']:,}, "
+                     f"{e['val']['ensemble_errors']:,} | {e['test']['generalist_errors']:,}, "
+                     f"{e['test']['ensemble_errors']:,} | {100 * (acc_e - acc_g) / acc_g:+.1f} % |")
+    t3, reduction, gain = table3(ens, test_n)
+    t4, share = table4(ens)
+    lines += ["", f"Chosen on validation: k = {k[1:]}.", "",
+              *subsets_section(runs[k], class_names(cfg)), *t3, *t4]
+    walls = _walls(runs[k])
+    equal = averaged(runs["equal"], data_dir)
+    count = load_config(runs["equal"] / "config.yaml").generalists.count
+    lines += [f"The same compute on more generalists: the chosen k's specialists trained "
+              f"{walls['specialists']:,.0f} s, the generalist {walls['generalist-0']:,.0f} s, so "
+              f"{count} generalists averaged: {equal['val']:,} validation and {equal['test']:,} "
+              f"test errors, against {ens['test']['ensemble_errors']:,} test errors with the "
+              "specialists.", ""]
+    kinds = {}
+    for name in (p.name for p in (runs["students"] / "checkpoints").iterdir()):
+        if name.startswith("student-"):
+            kind = name[len("student-"):].rsplit("-s", 1)[0]
+            kinds.setdefault(kind, []).append(summary(runs["students"], name)["test_errors"])
+    lines += ["Students of the generalist's size (test errors over seeds, mean +- sd):", "",
+              "| taught by | seeds | test errors |", "|---|---:|---:|"]
+    lines += [f"| {kind} | {len(v)} | {statistics.mean(v):,.1f} +- "
+              f"{statistics.stdev(v) if len(v) > 1 else 0:.1f} |" for kind, v in kinds.items()]
+    student = (statistics.mean(kinds["generalists"]) - statistics.mean(kinds["ensemble"])) / \
+        statistics.mean(kinds["generalists"])
+    lines += ["", f"specialists_test_error_reduction: {reduction:.3f}",
+              f"specialists_relative_accuracy_gain: {gain:.3f}",
+              f"table4_nondecreasing_share: {share}",
+              f"student_ensemble_vs_generalists_error_reduction: {student:.3f}",
+              "specialists_vs_equal_compute_ensemble_error_reduction: "
+              f"{(equal['test'] - ens['test']['ensemble_errors']) / equal['test']:.3f}", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True)
+    parser.add_argument("--run", default="")
+    parser.add_argument("--study", default="")
     parser.add_argument("--equal-compute", default="")
-    parser.add_argument("--out", default=str(ROOT / "results" / "many_classes.md"))
+    parser.add_argument("--data-dir", default="")
+    parser.add_argument("--base", default=str(ROOT / "configs" / "many_classes" / "short.yaml"))
+    parser.add_argument("--out", default="")
     args = parser.parse_args()
+    if args.study:
+        study(Path(args.study), args)
+        return
     run = Path(args.run)
+    args.out = args.out or str(ROOT / "results" / "many_classes_short.md")
     cfg = load_config(run / "config.yaml")
     ens = json.loads((run / "ensemble.json").read_text())
     test_n = sum(r["examples"] for r in ens["table4"])
-    found = json.loads(Path(cfg.data.npz).with_name("manifest.json").read_text())
-    classes = found["classes"]
+    classes = class_names(cfg)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     t3, reduction, gain = table3(ens, test_n)
     t4, share = table4(ens)
@@ -136,7 +334,7 @@ def main() -> None:
             f"Run `{run}` of `{cfg.name}` (k = {cfg.specialists.k}, overlap "
             f"{cfg.specialists.overlap}, top {cfg.specialists.top_n}; fixed in advance, not "
             "chosen on validation). `python benchmarks/many_classes.py --run " + str(run) + "`.",
-            "", *data_section(cfg, run, test_n), *models_section(run, names),
+            "", *data_section(cfg, run, test_n), *MODELS, *model_rows(run, names), "",
             f"Training time: the generalist {walls.get('generalist-0', 0):,.0f} s; the "
             f"{cfg.specialists.k} specialists {spec_s:,.0f} s together (one actor each, "
             "in parallel as CPUs allow).", "", *subsets_section(run, classes), *t3, *t4,

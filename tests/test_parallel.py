@@ -79,19 +79,25 @@ def model_weights(run, name="generalist-0"):
     return {k: v for k, v in tensors.items() if k.startswith(("model.", "best."))}, meta
 
 
+def one_and_two_workers(template: str, data_root, tmp_path) -> dict[int, object]:
+    """Run directories of `template` with WORKERS 1 and 2, each run through `ensemble run`."""
+    runs = {}
+    for workers in (1, 2):
+        config = tmp_path / f"w{workers}.yaml"
+        config.write_text(template.replace("WORKERS", str(workers)))
+        runs[workers] = tmp_path / f"run{workers}"
+        assert main(["run", str(config), "--data-dir", str(data_root),
+                     "--run-dir", str(runs[workers])]) == 0
+    return runs
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_train_workers_train_the_model_one_actor_would(ray_session, data_root, tmp_path):
     """`resources.workers: 2` through `ensemble run`: Ray Train's two gloo workers leave the
     checkpoint one actor leaves, up to the all-reduce's rounding, in the same format; a run of
     one epoch, resumed for a second, ends where the two-epoch run did."""
-    runs = {}
-    for workers in (1, 2):
-        config = tmp_path / f"w{workers}.yaml"
-        config.write_text(CONFIG.replace("WORKERS", str(workers)))
-        runs[workers] = tmp_path / f"run{workers}"
-        assert main(["run", str(config), "--data-dir", str(data_root),
-                     "--run-dir", str(runs[workers])]) == 0
+    runs = one_and_two_workers(CONFIG, data_root, tmp_path)
     one, meta_one = model_weights(runs[1])
     two, meta_two = model_weights(runs[2])
     assert one.keys() == two.keys()
@@ -155,3 +161,27 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(ray_session
     assert main(argv + ["--run-dir", str(straight)]) == 0
     for key, value in model_weights(straight)[0].items():
         assert torch.equal(weights[key], value), key
+
+
+STUDENTS = CONFIG.replace("WORKERS", "1") + """
+students:
+  s:
+    model: {hidden: [32], dropout_in: 0.0, dropout_hidden: 0.0}
+    train: {epochs: 2, batch_size: 64, lr: 0.1, augment: [translate:1]}
+    temperature: 4.0
+    resources: {workers: WORKERS}
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_student_over_two_workers_learns_what_one_actor_learns(ray_session, data_root,
+                                                                 tmp_path):
+    """A distilled student on an augmented transfer set (its teacher asked per batch, on each
+    rank's share) over two workers ends within the all-reduce's rounding of one actor."""
+    runs = one_and_two_workers(STUDENTS, data_root, tmp_path)
+    one, _ = model_weights(runs[1], "student-s")
+    two, meta = model_weights(runs[2], "student-s")
+    assert meta["targets_from"] == "per batch" and [r["epoch"] for r in meta["history"]] == [1, 2]
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=TOLERANCE)

@@ -1,0 +1,61 @@
+"""benchmarks/many_classes.py's study, end to end on a tiny many-class set: every stage runs,
+a rerun resumes instead of training again, and each choice follows validation."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import synthetic_digits
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study_module():
+    spec = importlib.util.spec_from_file_location("many_classes",
+                                                  ROOT / "benchmarks" / "many_classes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_path):
+    study = _study_module()
+    parts = {}
+    for part, n, seed in (("train", 900, 0), ("val", 300, 1), ("test", 300, 2)):
+        x, y = synthetic_digits(n, seed, size=8, classes=12)
+        parts[f"x_{part}"], parts[f"y_{part}"] = x, y.astype(np.int64)
+    np.savez(tmp_path / "glyphs.npz", **parts, classes=np.array([f"c{i}" for i in range(12)]))
+    mlp = {"kind": "mlp", "hidden": [16], "dropout_in": 0.0, "dropout_hidden": 0.0}
+    base = {"data": {"npz": str(tmp_path / "glyphs.npz")},
+            "generalists": {"model": mlp, "train": {"epochs": 3, "batch_size": 50, "lr": 0.3,
+                                                    "patience": 2}},
+            "specialists": {"k": 2, "epoch": "subset", "top_n": 2,
+                            "train": {"epochs": 1, "batch_size": 50, "lr": 0.1}},
+            "students": {"generalists": {"model": mlp, "temperature": 2.0,
+                                         "train": {"epochs": 1, "batch_size": 50, "lr": 0.3}}}}
+    folder = tmp_path / "study"
+    runs = study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3),
+                           seeds=2)
+    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "students"]
+    val = {n: study.summary(runs[n], "generalist-0")["val_errors"] for n in ("gen-small",
+                                                                           "gen-large")}
+    chosen = min(val, key=val.get)
+    assert f"from_run: {runs[chosen]}" in (folder / "k2.yaml").read_text()
+    report = study.study_report(runs, "")
+    ks = {k: study._json(runs[k], "ensemble.json")["val"]["ensemble_errors"]
+          for k in ("k2", "k3")}
+    assert f"Chosen on validation: k = {min(ks, key=ks.get)[1:]}." in report
+    values = dict(line.split(": ", 1) for line in report.splitlines()[-5:])
+    assert set(values) == {"specialists_test_error_reduction", "specialists_relative_accuracy_gain",
+                           "table4_nondecreasing_share",
+                           "student_ensemble_vs_generalists_error_reduction",
+                           "specialists_vs_equal_compute_ensemble_error_reduction"}
+    students = sorted(p.name for p in (runs["students"] / "checkpoints").iterdir()
+                      if p.name.startswith("student-"))
+    assert students == [f"student-{kind}-s{i}" for kind in ("ensemble", "generalists", "hard")
+                        for i in range(2)]
+    before = {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")}
+    study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2)
+    assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
