@@ -304,6 +304,12 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _natural(name: str) -> tuple[str, int]:
+    """specialist-2 before specialist-10."""
+    stem = name.rstrip("0123456789")
+    return stem, int("0" + name[len(stem):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="")
@@ -322,19 +328,21 @@ def main() -> None:
     ens = json.loads((run / "ensemble.json").read_text())
     test_n = sum(r["examples"] for r in ens["table4"])
     classes = class_names(cfg)
-    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    names = sorted((p.name for p in (run / "checkpoints").iterdir()), key=_natural)
     t3, reduction, gain = table3(ens, test_n)
     t4, share = table4(ens)
     walls = {n: (summary(run, n) or {}).get("wall_seconds", 0) for n in names}
     spec_s = sum(v for n, v in walls.items() if n.startswith("specialist-"))
     students = [summary(run, f"student-{n}") for n in ("generalists", "ensemble")]
     student = "n/a (no students generalists and ensemble)" if None in students else \
-        f"{(students[0]['test_errors'] - students[1]['test_errors']) / students[0]['test_errors']:.3f}"
+        f"{1 - students[1]['test_errors'] / students[0]['test_errors']:.3f}"
     text = ["# Specialists on many classes", "",
             f"Run `{run}` of `{cfg.name}` (k = {cfg.specialists.k}, overlap "
             f"{cfg.specialists.overlap}, top {cfg.specialists.top_n}; fixed in advance, not "
             "chosen on validation). `python benchmarks/many_classes.py --run " + str(run) + "`.",
             "", *data_section(cfg, run, test_n), *MODELS, *model_rows(run, names), "",
+            f"The run took {_json(run, 'metrics.json')['timings']['total']:,.0f} s end to end "
+            "(its summary.md says where). "
             f"Training time: the generalist {walls.get('generalist-0', 0):,.0f} s; the "
             f"{cfg.specialists.k} specialists {spec_s:,.0f} s together (one actor each, "
             "in parallel as CPUs allow).", "", *subsets_section(run, classes), *t3, *t4,
