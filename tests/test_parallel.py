@@ -151,6 +151,9 @@ def test_a_killed_worker_restarts_the_group_from_the_last_checkpoint(ray_session
         time.sleep(0.01)
     group = ray_session.get_actor("generalist-0", namespace=f"ensemble-{killed.name}")
     ranks = ray_session.get(group.where.remote())
+    while len(ranks) < 2:  # each rank registers itself; wait for the fact, not a time
+        assert time.time() < deadline, "rank 1 never registered"
+        ranks = ray_session.get(group.where.remote())
     last = checkpoint.epochs_in(folder)[0][0]
     os.kill(ranks[1]["pid"], signal.SIGKILL)
     thread.join(timeout=300)
