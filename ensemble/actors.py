@@ -11,13 +11,14 @@ import functools
 import logging
 import os
 import shutil
+import signal
 import tempfile
 
 import ray
 
 from ensemble.config import NodeType, ResourcesConfig
 from ensemble.distill import Student
-from ensemble.errors import ConfigError
+from ensemble.errors import ConfigError, terminate_as_interrupt
 from ensemble.stacked import StackedStudents
 from ensemble.streaming import StreamStudent, StreamTrainer
 from ensemble.teacher import evaluate_ensemble, teacher_outputs
@@ -240,6 +241,7 @@ def ray_session(address: str | None, namespace: str):
                                logging_level=logging.WARNING,
                                runtime_env={"env_vars": env} if env and address else None,
                                **local)
+        before = terminate_as_interrupt()
     except (ConnectionError, RuntimeError, ValueError) as err:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
@@ -249,5 +251,7 @@ def ray_session(address: str | None, namespace: str):
         yield getattr(context, "dashboard_url", None)
     finally:
         ray.shutdown()
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
         if temp:
             shutil.rmtree(temp, ignore_errors=True)

@@ -29,3 +29,34 @@ class TrainingError(EnsembleError):
     """Training of one model failed (non-finite loss, crashed actor beyond its restarts)."""
 
     exit_code = 5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, `ray job stop`, a batch system): stopped as Ctrl-C stops a
+    run, so its actors end and --resume continues it."""
+
+
+_TERMINATED: list[int] = []  # SIGTERM seen: Ray's blocking calls re-raise a bare
+#                              KeyboardInterrupt in place of the handler's exception
+
+
+def terminated() -> bool:
+    """Whether SIGTERM has reached this process since terminate_as_interrupt."""
+    return bool(_TERMINATED)
+
+
+def terminate_as_interrupt():
+    """From now on SIGTERM raises Terminated in the main thread (called once Ray has started:
+    the driver's Ray core installs a handler of its own, a stack dump and exit). Returns the
+    handler it replaced, for signal.signal to put back."""
+    import signal
+    import threading
+
+    def _raise(signum, frame):
+        _TERMINATED.append(signum)
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _TERMINATED.clear()
+    return signal.signal(signal.SIGTERM, _raise)

@@ -102,11 +102,13 @@ def left_behind(started: list, limit: float = 30) -> list:
     return [p for p in started if p.is_running()]
 
 
-@pytest.mark.parametrize("end", ["normal", "error", "interrupt"])
+@pytest.mark.parametrize("end", ["normal", "error", "interrupt", "terminate"])
 def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch):
+    """... and SIGTERM (`kill`, `timeout`, `ray job stop`) to the driver alone stops it as
+    Ctrl-C does: exit 143, the line to resume, no stack dump from Ray's signal handler."""
     data = write_mnist_like(tmp_path / "data", n_train=4000, n_test=200)
     config = tmp_path / "c.yaml"
-    epochs = 2000 if end == "interrupt" else 4  # interrupted long before its end
+    epochs = 2000 if end in ("interrupt", "terminate") else 4  # stopped long before its end
     config.write_text(CONFIG.replace("EPOCHS", str(epochs)) + (BLOWS_UP if end == "error" else ""))
     run = tmp_path / "run"
     driver = subprocess.Popen(
@@ -120,15 +122,20 @@ def test_local_run_listens_on_loopback_and_leaves_nothing(end, tmp_path, scratch
         sockets = listening([psutil.Process(driver.pid), *started])
         if end == "interrupt":
             os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        if end == "terminate":
+            os.kill(driver.pid, signal.SIGTERM)
         err = driver.communicate(timeout=180)[1]
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
     assert len(started) >= 3  # Ray's servers and the actor's worker were running
     assert sockets and all(addr.startswith(LOOPBACK) for addr, _ in sockets), sockets
-    assert driver.returncode == {"normal": 0, "error": 5, "interrupt": 130}[end], err
-    if end == "interrupt":
-        assert f"interrupted; continue with: ensemble run --resume {run}" in err, err
+    assert driver.returncode == {"normal": 0, "error": 5, "interrupt": 130,
+                                 "terminate": 143}[end], err
+    if end in ("interrupt", "terminate"):
+        how = "interrupted" if end == "interrupt" else "terminated"
+        assert f"{how}; continue with: ensemble run --resume {run}" in err, err
+        assert "SIGTERM received" not in err, err
     if end == "error":
         assert "student-blows-up" in err, err
     if end == "normal":  # a local Ray's workers inherit the setting that hides unassigned GPUs
