@@ -8,6 +8,7 @@ replaced by one over its subset plus a dustbin, so models know nothing of specia
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 from torch import nn
@@ -140,7 +141,9 @@ def specialist_model(base: nn.Module, cfg: ModelConfig, members: int) -> nn.Modu
 def check_model(cfg: ModelConfig, key: str, image_shape: tuple[int, int, int],
                 classes: int) -> None:
     """Refuse, in one sentence naming `key`, a model that cannot be built or does not fit the
-    data: its head's outputs, and one forward pass in eval mode on one image."""
+    data: its size against this machine's memory (the driver builds it, and every actor holds
+    it several times over), its head's outputs, and one forward pass in eval mode on one image."""
+    _check_size(cfg, key, image_shape, classes)
     try:
         model = build_model(cfg, image_shape, classes)
     except ConfigError as err:
@@ -167,6 +170,24 @@ def check_model(cfg: ModelConfig, key: str, image_shape: tuple[int, int, int],
         raise ConfigError(f"{key}: the model's output for one image is "
                           f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}, not "
                           f"(1, {classes}) logits")
+
+
+def _check_size(cfg: ModelConfig, key: str, image_shape: tuple[int, int, int],
+                classes: int) -> None:
+    """Refuse a model whose weights alone exceed this machine's memory, counted on the meta
+    device (nothing allocated); a factory that cannot build there is left to the real build."""
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, image_shape, classes)
+        size = sum(t.numel() * t.element_size()
+                   for t in [*model.parameters(), *model.buffers()])
+        count = count_parameters(model)
+    except Exception:
+        return
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise ConfigError(f"{key}: the model has {count:,} parameters, {size / 1e9:,.0f} GB of "
+                          f"weights, more than this machine's {memory / 1e9:,.0f} GB of memory")
 
 
 def _first_line(err: Exception) -> str:

@@ -116,6 +116,9 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
         ["run", "{config}", "--set", "students.s.model={{factory: 'torchvision.models:resnet18',"
          " kwargs: {{num_classes: 7}}}}"], 2,
         "students.s.model: the model's head has 7 outputs but the data have 10 classes", None),
+    "model larger than this machine's memory": (  # 90 billion weights, counted, not made
+        ["run", "{config}", "--set", "students.s.model.hidden=[300000, 300000]"], 2,
+        "students.s.model: the model has 90,022,800,010 parameters", None),
     "CNN too deep for the images": (["run", "{config}", "--set",
                                      "generalists.model={{kind: cnn, hidden: [4, 4, 4, 4, 4]}}"],
                                     2, "fails on one 1x8x8 image", None),
