@@ -133,4 +133,15 @@ def pytest_terminal_summary(terminalreporter):
         else:
             value = f"{sum(hits)}/{len(hits)}"
         lines.append(f"| {label} | {value} |")
+    lines += ["", "## Bad inputs, one row per distinct case", "",
+              "Each case: one sentence on stderr, a non-zero exit, no run directory made and any "
+              "existing one byte for byte unchanged. The input is the test's parameter (for "
+              "config values, the keys as `--set` would give them).", "",
+              "| test | bad input | passed |", "|---|---|---|"]
+    for node, ok in _OUTCOMES.items():
+        if node.startswith(_GROUPS["bad inputs refused cleanly"]):
+            test, _, case = node.split("::")[1].partition("[")
+            test = test.removeprefix("test_bad_").replace("_", " ")
+            case, test = (case[:-1], test) if case else (test, "–")
+            lines.append(f"| {test} | {case.replace('|', '/')} | {'yes' if ok else 'no'} |")
     Path(target).write_text("\n".join(lines) + "\n")

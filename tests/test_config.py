@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -24,7 +25,18 @@ def test_nested_partial_sections_keep_their_defaults():
     assert cfg.students["s"].model.dropout_in == 0.0  # the student's default, not the MLP's
 
 
-@pytest.mark.parametrize("raw, message", [
+def _as_overrides(raw: dict, prefix: str = "") -> str:
+    """A bad config as `--set` would give it: key=value, comma-separated (a test's id)."""
+    parts = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            parts.append(_as_overrides(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}={json.dumps(value, separators=(',', ':'))}")
+    return ", ".join(parts)
+
+
+BAD = [  # (config, words of the refusal)
     ({"generalist": {}}, "did you mean 'generalists'"),
     ({"generalists": {"trian": {}}}, "did you mean 'generalists.train'"),
     ({"generalists": {"count": "two"}}, "generalists.count must be an integer"),
@@ -90,7 +102,10 @@ def test_nested_partial_sections_keep_their_defaults():
     ({"students": {"s": {"paper": "no3"}}}, r"'no3' experiment, which needs drop_classes \[3\]"),
     ({"students": {"s": {"paper": "distilled"}, "t": {"paper": "distilled"}}},
      "names the row student 's' already fills"),
-])
+]
+
+
+@pytest.mark.parametrize("raw, message", BAD, ids=[_as_overrides(raw) for raw, _ in BAD])
 def test_bad_configs(raw, message, tmp_path, capsys):
     """Each refused by the parser and, as a config file, by `ensemble run`: one sentence on
     stderr, exit 2, no run directory (the bad-input table counts these once, here)."""
