@@ -38,6 +38,7 @@ from specialists.clustering import pair_agreement
 
 STUDENT_SEED_OFFSET = 1000  # students' seeds stay clear of the generalists' seed, seed+1, ...
 SPECIALIST_SEED_OFFSET = 2000  # and so do the specialists'
+GENERALISTS = "generalist-0..N"  # every generalist, as the jobs that follow wait for them
 
 
 class Recipe:
@@ -54,15 +55,17 @@ class Recipe:
 
     def plan(self) -> None:
         cfg, gen = self.cfg, self.cfg.generalists
-        names = tuple(f"generalist-{i}" for i in range(gen.count))
-        for i, name in enumerate(names):
-            self.sched.train(JobSpec(
+        def add(i: int) -> Job:
+            name = f"generalist-{i}"
+            return self.sched.train(JobSpec(
                 name, "generalist", "generalists", cfg.seed + i, gen.resources,
                 1 if gen.weights else gen.train.epochs,  # weights: one evaluation, done
                 critical=True, trainer="streamed generalist" if self.stream is not None else
                 "parallel generalist" if gen.resources.workers > 1 else ""),
                 functools.partial(self._generalist_args, name, cfg.seed + i))
-        self.sched.step(JobSpec("generalists", "step", waits_for=names, critical=True),
+
+        self.sched.train_series(GENERALISTS, gen.count, add)
+        self.sched.step(JobSpec("generalists", "step", waits_for=(GENERALISTS,), critical=True),
                         self._share_generalists)
         if cfg.specialists.k > 0:
             coordinator = JobSpec("coordinator", "task", "specialists", resources=gen.resources,
@@ -159,8 +162,7 @@ class Recipe:
     def _share_generalists(self, _job: Job) -> None:
         """The generalists' checkpoints into the object store once, for every teacher."""
         with self.recorder.timed("data placement"):
-            blobs = [_bytes(self.sched.jobs[name].blob)
-                     for name in self.sched.jobs["generalists"].spec.waits_for]
+            blobs = [_bytes(job.blob) for job in self.sched.members(GENERALISTS)]
             self.teachers = ray.put(blobs)
             if self.cfg.specialists.k > 0:  # specialists start from generalist-0
                 self.generalist = ray.put(blobs[0])
@@ -247,8 +249,7 @@ def _check_cluster(cfg: RunConfig, tracker: Tracker, address: str | None, dashbo
     tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
                  f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
                  + (f"; dashboard http://{dashboard}" if dashboard else ""))
-    requests = {f"generalist-{i}": cfg.generalists.resources
-                for i in range(cfg.generalists.count)}
+    requests = {"generalist-0": cfg.generalists.resources}  # every generalist asks alike
     requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
     if cfg.specialists.k:
         requests["specialists"] = cfg.specialists.resources

@@ -32,7 +32,7 @@ UNAVAILABLE_PAUSE_S = 1.0  # ... this far apart (a dead node is noticed within s
 GROUP_FINISH_S = 60.0  # a finished data-parallel model's Ray Train run is given this to end
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobSpec:
     """What a job is and what it needs, by name: never a tuple read back by position."""
     name: str  # its actor's name and its checkpoints' folder
@@ -47,7 +47,7 @@ class JobSpec:
     members: tuple[JobSpec, ...] = ()  # a stack: the students it trains as one model
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     """A job and where it stands."""
     spec: JobSpec
@@ -86,6 +86,22 @@ class Job:
         return "failed" if self.error else "finished" if self.finished else "training"
 
 
+@dataclass(slots=True)
+class Series:
+    """`count` models alike but for their index, added one at a time (`add(i)` adds the i-th)
+    as the queue reaches them: however many wait, the driver holds one waiting job of them."""
+    count: int
+    add: Callable[[int], Job]
+    after: int  # jobs added before the series: its models' place among them in results
+    jobs: list[Job] = field(default_factory=list)  # those added so far
+
+    def next_due(self) -> bool:
+        """Whether the next one is to be added: none of those added waits unstarted."""
+        last = self.jobs[-1] if self.jobs else None
+        return len(self.jobs) < self.count and (
+            last is None or bool(last.error) or last.finished or last.actor is not None)
+
+
 class Scheduler:
     """Runs jobs on the Ray this process is connected to; `recorder` keeps what they produce."""
 
@@ -97,6 +113,7 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}  # every job, in the order it was added
         self.active: dict[object, tuple[Job, object]] = {}  # ref -> (job, its checkpoint's ref)
         self.in_stacks: set[str] = set()  # models trained as members of a stack
+        self.series: dict[str, Series] = {}  # name -> models added as the queue reaches them
 
     # ------------------------------------------------------------ adding jobs --------------------
     def train(self, spec: JobSpec, make: Callable[[], tuple[tuple, dict]],
@@ -121,6 +138,17 @@ class Scheduler:
             for one in job.members or [job]:
                 self.recorder.line(f"{one.name:<16} finished earlier ({one.epoch} epochs)")
         return job
+
+    def train_series(self, name: str, count: int, add: Callable[[int], Job]) -> None:
+        """`count` models alike but for their index; `add(i)` adds the i-th (with `train`) once
+        the queue reaches it, so a typo such as 100,000 generalists costs the driver nothing per
+        model waiting. Other jobs wait for all of them by `name`."""
+        self.series[name] = Series(count, add, len(self.jobs))
+        self._extend()
+
+    def members(self, name: str) -> list[Job]:
+        """The jobs `name` stands for: a series' models added so far, else the one job."""
+        return self.series[name].jobs if name in self.series else [self.jobs[name]]
 
     def task(self, spec: JobSpec, call: Callable[[], object],
              then: Callable[[Job], None] | None = None) -> Job:
@@ -162,16 +190,31 @@ class Scheduler:
         return sorted(waiting, key=lambda j: not j.spec.critical)
 
     def _ok(self, name: str) -> bool:
+        series = self.series.get(name)
+        if series is not None:
+            return len(series.jobs) == series.count and all(self._ok(j.name) for j in series.jobs)
         job = self.jobs.get(name)
         return job is not None and job.finished and not job.error
+
+    def _failed(self, names: tuple[str, ...]) -> list[str]:
+        """Those of the jobs `names` stand for (a series: its models) that failed."""
+        return [j.name for n in names if n in self.jobs or n in self.series
+                for j in self.members(n) if j.error]
+
+    def _extend(self) -> None:
+        """Each series' next model added once none of it waits unstarted."""
+        for series in self.series.values():
+            while series.next_due():
+                series.jobs.append(series.add(len(series.jobs)))
 
     def _start_ready(self) -> None:
         total: dict | None = None  # the cluster's resources, asked once per round
         changed = True
         while changed:  # a step that finishes, or a job that fails, may free others
             changed = False
+            self._extend()
             for job in self._pending():
-                failed = [n for n in job.spec.waits_for if n in self.jobs and self.jobs[n].error]
+                failed = self._failed(job.spec.waits_for)
                 if failed:
                     self._fail(job, f"not trained: {', '.join(failed)} did not finish")
                     changed = True
@@ -322,9 +365,17 @@ class Scheduler:
         return [j for j in self.jobs.values() if j.spec.role == "task" and j.error]
 
     def models(self) -> list[Job]:
-        """Every model of the run (a stack's members, not the stack), in the order added."""
-        return [j for j in self.jobs.values()
-                if j.spec.role not in ("task", "step", "stack")]
+        """Every model of the run (a stack's members, not the stack), in the order planned: a
+        series' models where the series was added."""
+        serial = {id(j): (s.after, 0, i) for s in self.series.values()
+                  for i, j in enumerate(s.jobs)}
+        place, k = {}, 0
+        for job in self.jobs.values():
+            if id(job) not in serial:
+                place[id(job)] = (k, 1, 0)
+                k += 1
+        models = [j for j in self.jobs.values() if j.spec.role not in ("task", "step", "stack")]
+        return sorted(models, key=lambda j: serial.get(id(j)) or place[id(j)])
 
 
 def _watchdog_message(bound: float, scaling: list[Job], waiting: list[Job]) -> str:
