@@ -420,6 +420,11 @@ class RunConfig:
         checked once read, before anything starts)."""
         _require(self.specialists.k <= classes, "specialists.k",
                  f"must be at most the number of classes ({classes})", self.specialists.k)
+        spec = self.specialists  # each class joins 1 + overlap subsets, each needs min_size
+        most = classes * (1 + spec.overlap) // spec.min_size
+        _require(spec.k <= most, "specialists.k", f"must be at most {most}: {classes} classes, "
+                 f"each in 1 + overlap ({spec.overlap}) subsets, fill at most {most} subsets of "
+                 f"specialists.min_size ({spec.min_size}) classes", spec.k)
         _require(self.specialists.top_n <= classes, "specialists.top_n",
                  f"must be at most the number of classes ({classes})", self.specialists.top_n)
         for name, student in self.students.items():

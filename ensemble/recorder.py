@@ -52,8 +52,9 @@ class Recorder:
         self.tracker.image("run", "specialists/covariance", functools.partial(
             figures.covariance, report["covariance"], labels,
             "Covariance of predicted probabilities"))
-        self.tracker.image("run", "specialists/subsets",
-                           functools.partial(figures.subsets, report["subsets"], labels))
+        if report["subsets"]:  # none may reach specialists.min_size classes
+            self.tracker.image("run", "specialists/subsets",
+                               functools.partial(figures.subsets, report["subsets"], labels))
 
     def ensemble_figures(self, ensemble: dict) -> None:
         """Eq. 5's test confusion matrix, and a line comparing it with the generalists'."""

@@ -131,9 +131,10 @@ def build(run: RunDir) -> tuple[str, dict[str, bytes]]:
         md += ["", figure("covariance.png", "Covariance of the generalists' predictions",
                           figures.covariance(subsets["covariance"], labels,
                                              f"Covariance of predicted probabilities "
-                                             f"({subsets['covariance_on']})")),
-               "", figure("subsets.png", "Class subsets", figures.subsets(subsets["subsets"],
-                                                                          labels))]
+                                             f"({subsets['covariance_on']})"))]
+        if subsets["subsets"]:
+            md += ["", figure("subsets.png", "Class subsets",
+                              figures.subsets(subsets["subsets"], labels))]
     confusions = [(n, m["summary"]["test_confusion"]) for n, m in models.items()
                   if m["role"] != "specialist" and (m.get("summary") or {}).get("test_confusion")]
     if ensemble and "ensemble_confusion" in ensemble["test"]:

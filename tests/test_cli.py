@@ -80,6 +80,8 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
                                "transfer_size must be >= 0", None),
     "k > classes": (["run", "{config}", "--set", "specialists.k=11"], 2,
                     "number of classes", None),
+    "more subsets than the classes can fill": (["run", "{config}", "--set", "specialists.k=6"],
+                                               2, "specialists.k must be at most 5", None),
     "ensemble without specialists": (["run", "{config}", "--set",
                                       "students.s.soft_targets=ensemble"], 2, "specialists",
                                      None),

@@ -181,9 +181,11 @@ def test_every_shipped_config_loads(path):
 
 
 def test_data_of_ones_own_has_its_classes_checked_once_read():
-    cfg = parse(RunConfig, {"data": {"npz": "a.npz"}, "specialists": {"k": 30},
+    cfg = parse(RunConfig, {"data": {"npz": "a.npz"}, "specialists": {"k": 15},
                             "students": {"s": {"drop_classes": [12]}}})
     cfg.check_classes(40)  # fine for 40 classes
+    with pytest.raises(ConfigError, match=r"specialists.k must be at most 14: 28 classes"):
+        cfg.check_classes(28)  # 15 subsets of 2 classes need 30 places
     with pytest.raises(ConfigError, match=r"specialists.k must be at most the number of classes"):
         cfg.check_classes(10)
     with pytest.raises(ConfigError, match="specialists.k"):

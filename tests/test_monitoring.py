@@ -219,6 +219,20 @@ def test_report_renders_every_figure(specialists_run, tmp_path, capsys):
     assert rendered(broken, tmp_path) == (len(figures), len(figures) - 1)
 
 
+def test_report_of_a_coordinator_that_found_no_subset(specialists_run, tmp_path, capsys):
+    """Subsets can all fall below specialists.min_size (or be left by specialists.min_tie):
+    the run goes on without specialists, and the report says so without a subsets figure."""
+    run = tmp_path / "run"
+    shutil.copytree(specialists_run[0], run)
+    subsets = json.loads((run / "subsets.json").read_text())
+    subsets.update(subsets=[], names=[])
+    (run / "subsets.json").write_text(json.dumps(subsets))
+    assert main(["report", str(run)]) == 0, capsys.readouterr().err
+    md = (run / "report.md").read_text()
+    assert "## Specialists (0)" in md and "report/covariance.png" in md
+    assert "report/subsets.png" not in md
+
+
 # ---------------------------------------------------------------- the export ---------------------
 @pytest.mark.ray
 @pytest.mark.slow
