@@ -88,6 +88,27 @@ def spread(values: list[float]) -> str:
             f"({min(values):g}–{max(values):g})")
 
 
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060,
+        2.056, 2.052, 2.048, 2.045, 2.042)  # Student's t, 97.5 % quantile, 1 to 30 degrees
+PAPER_ERRORS = {"hard": 146, "distilled": 74}  # §3's rows that count test errors
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """The 95 % confidence interval of the mean over seeds (Student's t; two or more)."""
+    n = len(values)
+    half = (T975[n - 2] if n <= 31 else 1.96) * statistics.stdev(values) / n ** 0.5
+    return statistics.mean(values) - half, statistics.mean(values) + half
+
+
+def against_paper(values: list[float], paper: int) -> str:
+    """Matched: the paper's figure lies within our 95 % interval; beaten: the interval lies
+    below it; behind: above it."""
+    lo, hi = interval(values)
+    verdict = "matched" if lo <= paper <= hi else "beaten" if hi < paper else "behind"
+    return f"{verdict} ({paper})"
+
+
 def seeds_label(names: list[str]) -> str:
     """What students trained alike have in common in their names (x-s0, x-s1: x), for display."""
     common = re.sub(r"-s?$", "", os.path.commonprefix(names))
@@ -150,8 +171,25 @@ def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> lis
         lines.append(row(models, f"{name[len('student-'):]} (see the config)", "–", name,
                          errors(models[name].test, y_test),
                          f"{errors(models[name].val, y_val)} on validation; last epoch "
-                         f"{last['test_errors']} ({last['val_errors']} on validation)"))
+                         f"{last['test_errors']} ({last['val_errors']} on validation)"
+                         + shifted_note(cfg.students[name[len("student-"):]], models[name],
+                                        data)))
     return lines + specialists_row(cfg, run, models)
+
+
+def shifted_note(student: StudentConfig, out: Outputs, data: Labelled) -> str:
+    """For a student whose transfer set kept or dropped classes: its errors after the shift of
+    those classes' biases chosen on validation (lowered for kept, raised for dropped ones)."""
+    classes, sign = ((list(student.keep_classes), -1.0) if student.keep_classes else
+                     (list(student.drop_classes), +1.0))
+    if not classes:
+        return ""
+    shift = best_shift(out.val, data.y_val, classes, sign)
+    val, test = out.val.clone(), out.test.clone()
+    val[:, classes] += sign * shift
+    test[:, classes] += sign * shift
+    return (f"; biases of {classes} shifted by {sign * shift:+g} (chosen on validation): "
+            f"{errors(val, data.y_val)} on validation, {errors(test, data.y_test)} on test")
 
 
 def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], sign: float):
@@ -159,6 +197,9 @@ def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], si
     that validation picks (raised for classes it never saw, lowered for the only ones it saw)."""
     val, test, y_test = models[name].val, models[name].test.clone(), data.y_test
     shift = best_shift(val, data.y_val, classes, sign)
+    on_test = best_shift(test, y_test, classes, sign)  # reported beside, never used
+    at_best = test.clone()
+    at_best[:, classes] += sign * on_test
     if sign > 0:  # no 3s: errors, and those on 3s
         threes = y_test == 3
         plain = f"{errors(test, y_test)} ({errors(test[threes], y_test[threes])} of " \
@@ -168,12 +209,14 @@ def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], si
                     "206 (133 of 1010 3s)", name, plain),
                 row(models, "same, 3-bias raised", "109 (14 on 3s), +3.5 chosen on test", name,
                     f"{errors(test, y_test)} ({errors(test[threes], y_test[threes])} on 3s)",
-                    f"+{shift:g} chosen on validation")]
+                    f"+{shift:g} chosen on validation; the shift best on test, for comparison "
+                    f"only: +{on_test:g} ({errors(at_best, y_test)})")]
     rate = lambda z: f"{100 * errors(z, y_test) / len(y_test):.1f} %"  # noqa: E731
     lines = [row(models, "transfer set of 7s and 8s only", "47.3 %", name, rate(test))]
     test[:, classes] -= shift
     return lines + [row(models, "same, 7/8 biases lowered", "13.2 %, -7.6 chosen on test", name,
-                        rate(test), f"-{shift:g} chosen on validation")]
+                        rate(test), f"-{shift:g} chosen on validation; the shift best on test, "
+                        f"for comparison only: -{on_test:g} ({rate(at_best)})")]
 
 
 def specialists_row(cfg: RunConfig, run: RunDir, models: dict) -> list[str]:
@@ -249,10 +292,13 @@ def pooled(run: RunDir, cfg: RunConfig, models: dict, pools: list[RunDir], data:
     return runs
 
 
-def seeds_section(runs: list[tuple[str, dict[str, str], dict[str, tuple[int, int]]]]) \
-        -> list[str]:
+def seeds_section(runs: list[tuple[str, dict[str, str], dict[str, tuple[int, int]]]],
+                  paper: dict[str, int] | None = None) -> list[str]:
     """Students sharing a recipe key across runs (run label, {student: key}, {student: (val,
-    test errors)}), two or more to a group: their errors over seeds."""
+    test errors)}), two or more to a group: their errors over seeds, the 95 % interval of the
+    mean test errors, and where `paper` ({student of the first run: the paper's test errors})
+    names a member, whether the paper's figure is matched, beaten or behind."""
+    paper = paper or {}
     groups: dict[str, list[tuple[str, str]]] = {}
     for label, keys, _ in runs:
         for name, key in keys.items():
@@ -264,17 +310,23 @@ def seeds_section(runs: list[tuple[str, dict[str, str], dict[str, tuple[int, int
     lines = ["", "## Seeds of one recipe", "",
              "Students trained alike (the same config but for the seed, from the same teachers) "
              "in this run and in the runs pooled with it: errors as mean ± sd (min–max) over "
-             "seeds; hard-label students need no teacher, so theirs pool whatever the run.", "",
-             "| recipe | seeds | val errors | test errors | test errors per seed |",
-             "|---|---:|---:|---:|---|"]
+             "seeds; hard-label students need no teacher, so theirs pool whatever the run. "
+             "The interval is the 95 % one of the mean test errors (Student's t); the paper's "
+             "figure is matched when it lies within it, beaten when the interval lies below.", "",
+             "| recipe | seeds | val errors | test errors | 95 % interval | paper | "
+             "test errors per seed |", "|---|---:|---:|---:|---:|---|---|"]
     for members in groups.values():
         val = [found[label][name][0] for label, name in members]
         test = [found[label][name][1] for label, name in members]
         each = ", ".join(f"{name[len('student-'):]} ({label}) {t}"
                          for (label, name), t in zip(members, test))
         label = seeds_label([name[len("student-"):] for _, name in members])
-        lines.append(f"| {label} | {len(members)} | {spread(val)} | "
-                     f"{spread(test)} | {each} |")
+        lo, hi = interval(test)
+        figure = next((paper[name] for label_, name in members if label_ == runs[0][0]
+                       and name in paper), None)
+        verdict = against_paper(test, figure) if figure is not None else "–"
+        lines.append(f"| {label} | {len(members)} | {spread(val)} | {spread(test)} | "
+                     f"{lo:.1f}–{hi:.1f} | {verdict} | {each} |")
     return lines
 
 
@@ -423,7 +475,8 @@ def tables(runs: list[RunDir], out: Path, data_dir: str | None = None, title: st
     lines = header(cfg, data, title or f"The paper's tables from run {run.name}", how)
     lines += paper_rows(cfg, run, models, data)
     recipes = pooled(run, cfg, models, pools, data)
-    lines += seeds_section(recipes)
+    lines += seeds_section(recipes, {n: PAPER_ERRORS[cfg.students[n[len("student-"):]].paper]
+                                     for n in tagged(cfg, models, *PAPER_ERRORS)})
     grid: dict[tuple[int, float], list[str]] = {}  # (width, T) -> its seeds' students
     for name in tagged(cfg, models, "grid"):
         student = cfg.students[name[len("student-"):]]
