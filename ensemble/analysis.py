@@ -146,8 +146,10 @@ def row(models: dict, label: str, paper, name: str, ours, note: str = "") -> str
 def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> list[str]:
     """The table's rows: teacher, the tagged students of §3, then every untagged student."""
     y_test, y_val = data.y_test, data.y_val
-    by_row = {cfg.students[n[len("student-"):]].paper: n
-              for n in tagged(cfg, models, "hard", "distilled", "no3", "only78")}
+    candidates: dict[str, list[str]] = {}
+    for n in tagged(cfg, models, "hard", "distilled", "no3", "only78"):
+        candidates.setdefault(cfg.students[n[len("student-"):]].paper, []).append(n)
+    by_row = {r: pick(names, models, data, r) for r, names in candidates.items()}
     teacher = next(n for n in models if n.startswith("generalist-"))
     x_train = to_device(data.splits.train_x, CPU)
     own = errors(predict_logits(load_model(run.latest(teacher)[0], CPU)[0], x_train),
@@ -157,15 +159,19 @@ def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> lis
                  "(untranslated) training images")]
     if "hard" in by_row:
         lines.append(row(models, "student 784-800-800-10, hard labels", 146, by_row["hard"],
-                         errors(models[by_row["hard"]].test, y_test)))
+                         errors(models[by_row["hard"]].test, y_test),
+                         picked(candidates["hard"], models, data, "hard")))
     if "distilled" in by_row:
         who = "same student" if "hard" in by_row else "student 784-800-800-10"
         lines.append(row(models, f"{who} distilled at T=20", 74, by_row["distilled"],
-                         errors(models[by_row["distilled"]].test, y_test)))
+                         errors(models[by_row["distilled"]].test, y_test),
+                         picked(candidates["distilled"], models, data, "distilled")))
     if "no3" in by_row:
-        lines += shifted_rows(models, by_row["no3"], data, [3], +1.0)
+        lines += shifted_rows(models, by_row["no3"], data, [3], +1.0,
+                              picked(candidates["no3"], models, data, "no3"))
     if "only78" in by_row:
-        lines += shifted_rows(models, by_row["only78"], data, [7, 8], -1.0)
+        lines += shifted_rows(models, by_row["only78"], data, [7, 8], -1.0,
+                              picked(candidates["only78"], models, data, "only78"))
     for name in tagged(cfg, models, ""):  # a variant of the recipe (configs/paper/*.yaml)
         last = models[name].meta["history"][-1]
         lines.append(row(models, f"{name[len('student-'):]} (see the config)", "–", name,
@@ -192,9 +198,37 @@ def shifted_note(student: StudentConfig, out: Outputs, data: Labelled) -> str:
             f"{errors(val, data.y_val)} on validation, {errors(test, data.y_test)} on test")
 
 
-def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], sign: float):
+SHIFTED = {"no3": ([3], +1.0), "only78": ([7, 8], -1.0)}  # rows judged after a bias shift
+
+
+def val_errors(name: str, models: dict, data: Labelled, row_: str) -> int:
+    """A candidate's validation errors for `row_`: after the shift validation picks, if any."""
+    val = models[name].val
+    if row_ in SHIFTED:
+        classes, sign = SHIFTED[row_]
+        val = val.clone()
+        val[:, classes] += sign * best_shift(val, data.y_val, classes, sign)
+    return errors(val, data.y_val)
+
+
+def pick(names: list[str], models: dict, data: Labelled, row_: str) -> str:
+    """The candidate for a row with the fewest validation errors (the first on a tie)."""
+    return min(names, key=lambda n: val_errors(n, models, data, row_))
+
+
+def picked(names: list[str], models: dict, data: Labelled, row_: str) -> str:
+    """How a row's student was picked, when it had rivals."""
+    if len(names) == 1:
+        return ""
+    each = ", ".join(f"{n[len('student-'):]} {val_errors(n, models, data, row_)}" for n in names)
+    return f"picked on validation errors from {len(names)} candidates ({each})"
+
+
+def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], sign: float,
+                 note: str = ""):
     """A filtered-transfer-set student's row, and its row after the bias shift of `classes`
-    that validation picks (raised for classes it never saw, lowered for the only ones it saw)."""
+    that validation picks (raised for classes it never saw, lowered for the only ones it saw);
+    `note`: how the student was picked."""
     val, test, y_test = models[name].val, models[name].test.clone(), data.y_test
     shift = best_shift(val, data.y_val, classes, sign)
     on_test = best_shift(test, y_test, classes, sign)  # reported beside, never used
@@ -206,13 +240,13 @@ def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], si
                 f"{int(threes.sum())} 3s)"
         test[:, classes] += shift
         return [row(models, "distilled without any 3 in the transfer set",
-                    "206 (133 of 1010 3s)", name, plain),
+                    "206 (133 of 1010 3s)", name, plain, note),
                 row(models, "same, 3-bias raised", "109 (14 on 3s), +3.5 chosen on test", name,
                     f"{errors(test, y_test)} ({errors(test[threes], y_test[threes])} on 3s)",
                     f"+{shift:g} chosen on validation; the shift best on test, for comparison "
                     f"only: +{on_test:g} ({errors(at_best, y_test)})")]
     rate = lambda z: f"{100 * errors(z, y_test) / len(y_test):.1f} %"  # noqa: E731
-    lines = [row(models, "transfer set of 7s and 8s only", "47.3 %", name, rate(test))]
+    lines = [row(models, "transfer set of 7s and 8s only", "47.3 %", name, rate(test), note)]
     test[:, classes] -= shift
     return lines + [row(models, "same, 7/8 biases lowered", "13.2 %, -7.6 chosen on test", name,
                         rate(test), f"-{shift:g} chosen on validation; the shift best on test, "

@@ -144,3 +144,25 @@ def test_a_paper_figure_is_matched_within_the_interval_and_beaten_below_it():
     assert analysis.against_paper([74, 75, 75], 74) == "matched (74)"
     assert analysis.against_paper([70, 71, 72], 74) == "beaten (74)"
     assert analysis.against_paper([80, 81, 82], 74) == "behind (74)"
+
+
+def test_a_row_with_several_candidates_shows_the_one_validation_picks(built, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(built / "run", run)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    for name in ("x-s0", "x-s1"):  # distilled students too: now candidates for its row
+        raw["students"][name]["paper"] = "distilled"
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "t.md"
+    assert main(["table", str(run), "--data-dir", str(built / "data"), "--out", str(out)]) == 0
+    line = next(x for x in out.read_text().splitlines() if "distilled at T=20" in x)
+    data = analysis.Labelled(analysis.load_splits(RunDir(run).load_config().data,
+                                                  str(built / "data")))
+    models = data.outputs(RunDir(run))
+    names = ["student-distilled", "student-x-s0", "student-x-s1"]
+    val = {n: analysis.errors(models[n].val, data.y_val) for n in names}
+    best = min(names, key=val.get)
+    assert f"| {analysis.errors(models[best].test, data.y_test)} |" in line
+    assert "picked on validation errors from 3 candidates (distilled " \
+           f"{val['student-distilled']}, x-s0 {val['student-x-s0']}" in line
+    assert len(set(val.values())) > 1  # a real choice: the candidates differ on validation

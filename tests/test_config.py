@@ -100,8 +100,6 @@ BAD = [  # (config, words of the refusal)
     ({"data": {"kwargs": {"n": 1}}}, "data.kwargs belong to a factory"),
     ({"data": {"npz": "a.npz", "stream": "parts/"}}, "data.stream streams only beside a named"),
     ({"students": {"s": {"paper": "no3"}}}, r"'no3' experiment, which needs drop_classes \[3\]"),
-    ({"students": {"s": {"paper": "distilled"}, "t": {"paper": "distilled"}}},
-     "names the row student 's' already fills"),
 ]
 
 
