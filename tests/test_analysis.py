@@ -166,3 +166,22 @@ def test_a_row_with_several_candidates_shows_the_one_validation_picks(built, tmp
     assert "picked on validation errors from 3 candidates (distilled " \
            f"{val['student-distilled']}, x-s0 {val['student-x-s0']}" in line
     assert len(set(val.values())) > 1  # a real choice: the candidates differ on validation
+
+
+def test_gain_kept_interval_brackets_what_the_students_keep():
+    """Synthetic logits: singles right on 80 % of 4000 images (each wrong on its own fifth),
+    their ensemble right nearly everywhere; students that copy a single keep ~0 % of the gain,
+    students that copy the ensemble ~100 %."""
+    torch = analysis.torch
+    n, y = 4000, torch.zeros(4000, dtype=torch.long)
+    singles = []
+    for g in range(4):
+        z = torch.zeros(n, 2)
+        z[:, 0] = 1.0
+        z[torch.arange(n) % 5 == g, 1] = 1.5  # wrong, but only mildly: the mean stays right
+        singles.append(z)
+    ens = torch.stack([z.softmax(1) for z in singles]).mean(0).log()
+    lo, hi, none = analysis.kept_interval(singles, [singles[0], singles[1]], y, resamples=400)
+    assert lo < 0 < hi and hi - lo < 40 and none == 0
+    lo, hi, _ = analysis.kept_interval(singles, [ens, ens], y, resamples=400)
+    assert lo == hi == 100  # every resample: the students are the ensemble
