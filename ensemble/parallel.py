@@ -48,7 +48,11 @@ class DataParallel:
         return lr
 
     def share(self, size: int) -> slice:
-        """This rank's rows of a global batch of `size` examples (parts differ by at most 1)."""
+        """This rank's rows of a global batch of `size` examples (parts differ by at most 1); a
+        batch smaller than the world (say a last batch of one) is every rank's whole, as an
+        empty part would give a loss of NaN."""
+        if size < self.world:
+            return slice(0, size)
         base, extra = divmod(size, self.world)
         lo = self.rank * base + min(self.rank, extra)
         return slice(lo, lo + base + (self.rank < extra))
@@ -61,11 +65,18 @@ class DataParallel:
         return self.loss_on(xb[mine], idx[mine])
 
     def backward(self, loss: torch.Tensor, idx: torch.Tensor) -> None:
-        """Gradients weighed by the share's size: DDP's average is then the batch's mean."""
+        """Gradients weighed by the share's size: DDP's average is then the batch's mean (a
+        batch every rank takes whole: weight 1, the average of equal means)."""
         part = self.share(len(idx))
-        (loss * ((part.stop - part.start) * self.world / len(idx))).backward()
+        weight = 1.0 if len(idx) < self.world else \
+            (part.stop - part.start) * self.world / len(idx)
+        (loss * weight).backward()
 
     def batch_size_of(self, idx: torch.Tensor) -> int:
+        """The examples this rank counts in the epoch's loss (a batch every rank takes whole
+        counts on rank 0)."""
+        if len(idx) < self.world:
+            return len(idx) if self.rank == 0 else 0
         part = self.share(len(idx))
         return part.stop - part.start
 

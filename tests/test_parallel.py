@@ -18,8 +18,9 @@ from tests.conftest import write_mnist_like
 from tests.test_faults import run_in_thread
 
 MODEL = ModelConfig(hidden=(32, 32), dropout_in=0.0, dropout_hidden=0.0, max_norm=2.0)
-# 400 training examples in batches of 45, each split 23 + 22 (the last, of 40: 20 + 20)
-TRAIN = TrainConfig(epochs=2, batch_size=45, lr=0.1, augment=("flip", "translate:1"))
+# 400 training examples in batches of 57, each split 29 + 28; the last holds one example, fewer
+# than the ranks: each takes it whole (an empty share's loss would be NaN)
+TRAIN = TrainConfig(epochs=2, batch_size=57, lr=0.1, augment=("flip", "translate:1"))
 TOLERANCE = 1e-5  # the all-reduce sums two halves where one process sums the whole batch
 
 
@@ -61,6 +62,9 @@ def test_a_ranks_share_of_a_batch():
         t.rank = rank
         parts.append(t.share(8))
     assert [(p.start, p.stop) for p in parts] == [(0, 3), (3, 6), (6, 8)]
+    for rank in range(3):  # fewer examples than ranks: each rank's share is the whole batch
+        t.rank = rank
+        assert (t.share(2).start, t.share(2).stop) == (0, 2)
 
 
 CONFIG = """
