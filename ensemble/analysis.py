@@ -548,7 +548,7 @@ def tables(runs: list[RunDir], out: Path, data_dir: str | None = None, title: st
     """The analysis of runs[0] (its students pooled with those of runs[1:]) as Markdown, written
     to `out` with its figures beside it; `title` and `how` head it."""
     run, pools = runs[0], runs[1:]
-    why = uncreatable(out)
+    why = "it is a folder; name a file" if out.is_dir() else uncreatable(out)
     if why:
         raise ConfigError(f"cannot write the table to {out}: {why}")
     cfg = run.load_config()

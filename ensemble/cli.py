@@ -178,6 +178,13 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
     cfg.check_classes(splits.num_classes)  # data of one's own: its classes are known only now
     _check_models(cfg, splits)
+    spec = cfg.specialists
+    if spec.k and spec.covariance_on == "val" and len(splits.val_y) == 0:
+        raise ConfigError("specialists.covariance_on is 'val' but data.val_size leaves no "
+                          "validation images to cluster on; give data.val_size or set "
+                          "specialists.covariance_on to 'transfer'")
+    if args.address:
+        _check_reachable(args.address)
     if cfg.generalists.weights and not resume:
         adopted = _generalists_from_weights(cfg, splits)
     if resume:
@@ -206,6 +213,22 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
     finally:
         tracker.close()
     return 0
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse at once a HOST:PORT where nothing listens: ray.init would retry it for minutes
+    (`auto`, `ray://` and other forms are left to Ray)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"nothing answers at --address {address} ({err.strerror or err}); "
+                          "start Ray there (ray start --head) or leave --address out for a "
+                          "local Ray") from None
 
 
 def _check_models(cfg: RunConfig, splits) -> None:

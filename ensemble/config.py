@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -114,6 +115,10 @@ class DataConfig:
         _require(bool(self.factory) or not self.kwargs, "kwargs", "belong to a factory",
                  self.kwargs)
         _require(self.image_size >= 0, "image_size", "must be >= 0", self.image_size)
+        for key in ("mode", "image_size"):  # read by the folder loader alone
+            _require(not getattr(self, key) or bool(self.folder), key, "applies to data.folder "
+                     "alone (images of one's own); set data.folder or leave it out",
+                     getattr(self, key))
 
     @property
     def source(self) -> str:
@@ -221,9 +226,10 @@ class ResourcesConfig:
         _require(self.num_gpus >= 0, "num_gpus", "must be >= 0", self.num_gpus)
         _require(self.num_gpus <= 1, "num_gpus", "must be at most 1: one model trains on one "
                  "device (a share of a GPU packs several models on one)", self.num_gpus)
-        _require(self.max_restarts >= 0, "max_restarts", "must be >= 0", self.max_restarts)
-        _require(self.max_task_retries >= 0, "max_task_retries", "must be >= 0",
-                 self.max_task_retries)
+        _require(0 <= self.max_restarts <= 10_000, "max_restarts", "must be from 0 to 10000",
+                 self.max_restarts)
+        _require(0 <= self.max_task_retries <= 10_000, "max_task_retries",
+                 "must be from 0 to 10000", self.max_task_retries)
         _require(self.workers >= 1, "workers", "must be >= 1", self.workers)
 
     @property
@@ -313,10 +319,12 @@ class SpecialistsConfig:
         _require(self.k != 1, "k", "must be 0 (no specialists) or at least 2: one subset of "
                  "every class leaves a specialist's dustbin nothing to learn", self.k)
         _require(self.k >= 0, "k", "must be >= 0", self.k)
+        _require(abs(self.seed) < 2 ** 62, "seed", "must lie within ±2**62", self.seed)
         _require(self.k == 0 or self.overlap < self.k - 1, "overlap",
                  f"must be below k - 1 ({self.k - 1}): a class joining every other cluster puts "
                  "every class in every subset, leaving the dustbins nothing", self.overlap)
-        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        _require(self.temperature >= 0.01, "temperature", "must be >= 0.01 (logits divided by "
+                 "less overflow)", self.temperature)
         _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
         _require(self.overlap >= 0, "overlap", "must be >= 0", self.overlap)
         _require(-1.0 <= self.min_tie <= 1.0, "min_tie", "must be in [-1, 1]", self.min_tie)
@@ -350,7 +358,8 @@ class StudentConfig:
     #   errors (for no3 and only78, after the bias shift chosen on validation)
 
     def __post_init__(self):
-        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        _require(self.temperature >= 0.01, "temperature", "must be >= 0.01 (logits divided by "
+                 "less overflow)", self.temperature)
         _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]", self.alpha)
         _require(self.transfer_size >= 0, "transfer_size", "must be >= 0", self.transfer_size)
         _require(not (self.drop_classes and self.keep_classes), "keep_classes",
@@ -383,6 +392,8 @@ class RunConfig:
     #   (ensemble.stacked): faster, equal within rounding (results/stacked.md)
 
     def __post_init__(self):
+        _require(abs(self.seed) < 2 ** 62, "seed", "must lie within ±2**62 (each model adds "
+                 "its index to it)", self.seed)
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) is not None, "name",
                  "must use only letters, digits, '.', '_' and '-'", self.name)
         _require(self.watchdog_s >= 0, "watchdog_s", "must be >= 0 (0 turns it off)",
@@ -539,9 +550,11 @@ def _coerce(tp: Any, value: Any, key: str, base: Any = None) -> Any:
         return value
     if tp is float:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-3 as a string
+            value = float(value)  # YAML 1.1 reads 1e-3 as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise wrong
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -622,6 +635,35 @@ def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as yaml.safe_load reads it, but a key given twice in one mapping is refused (the
+    last would silently win); keys merged in with `<<` may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = getattr(key_node, "value", None)
+            if isinstance(key, str) and key in seen:
+                raise ConfigError(f"key '{key}' is given twice in one mapping (line "
+                                  f"{key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+
+
+def read_yaml(text: str) -> Any:
+    """The data YAML `text` holds (safe tags only), refusing a key given twice in a mapping and
+    nesting too deep to read (ConfigError)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
+    except RecursionError:
+        raise ConfigError("nested too deeply to read") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config mapping."""
     raw = dict(raw)
@@ -630,9 +672,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got '{item}'")
         try:
-            value = yaml.safe_load(text)
+            value = read_yaml(text)
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}: '{text}' is not a valid YAML value") from None
+        except ConfigError as err:
+            raise ConfigError(f"--set {key}: {err}") from None
         node = raw
         parts = key.strip().split(".")
         for depth, part in enumerate(parts[:-1]):
@@ -655,11 +699,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ConfigError(f"config file '{path}' is not valid YAML{where}") from None
+    except ConfigError as err:
+        raise ConfigError(f"config file '{path}': {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys to values at its "
                           f"top level, not a {type(raw).__name__}")

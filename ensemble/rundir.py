@@ -112,8 +112,10 @@ class RunDir:
                               "config.yaml)")
         try:
             raw = yaml.safe_load(self.config_path.read_text())
-        except yaml.YAMLError:
+        except (yaml.YAMLError, UnicodeDecodeError):
             raise ConfigError(f"'{self.config_path}' is not valid YAML") from None
+        if not isinstance(raw, dict) or not raw:  # the run's own is never empty
+            raise ConfigError(f"'{self.config_path}' is damaged: it holds no config")
         return parse(RunConfig, raw)
 
     def check_creatable(self) -> None:
@@ -170,9 +172,12 @@ class RunDir:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConfigError(f"{self.location}: {name} is damaged (not valid JSON)") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{self.location}: {name} is damaged (not a JSON object)")
+        return data
 
     def write_json(self, name: str, data: dict) -> None:
         checkpoint.write_atomic(self.path / name, json.dumps(data, indent=1).encode())

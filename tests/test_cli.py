@@ -55,6 +55,12 @@ def saved_run(damage):
         checkpoint.save_epoch(run.checkpoints("generalist-0"), 1, blob)
         if damage == "metrics":  # cut short by a full disk, say
             (run.path / "metrics.json").write_text('{"models": {"generalist-0": {"st')
+        if damage == "metrics shape":
+            (run.path / "metrics.json").write_text('{"models": 3}')
+        if damage == "config bytes":
+            (run.path / "config.yaml").write_bytes(bytes(range(128, 256)))
+        if damage == "config empty":
+            (run.path / "config.yaml").write_text("")
         return run.path
     return make
 
@@ -165,6 +171,25 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
                                             "leave out the rest", saved_run(None)),
     "pickle planted as a checkpoint": (["run", "--resume", "{saved}"], 4, "not a checkpoint",
                                        saved_run("pickle")),
+    "config file with a key given twice": (["run", "{tmp}/twice.yaml"], 2,
+                                           "key 'name' is given twice in one mapping (line 2)",
+                                           None),
+    "override nested too deeply": (["run", "{config}", "--set", "x-a=" + "[" * 3000 + "]" * 3000],
+                                   2, "nested too deeply", None),
+    "specialists clustering an empty validation split": (
+        ["run", "{config}", "--set", "data.val_size=0", "--set", "specialists.k=2"], 2,
+        "leaves no validation images to cluster on", None),
+    "Ray address where nothing listens": (["run", "{config}", "--address", "127.0.0.1:1"], 2,
+                                          "nothing answers at --address 127.0.0.1:1", None),
+    "run whose config.yaml is not text": (["eval", "{saved}"], 2, "is not valid YAML",
+                                          saved_run("config bytes")),
+    "run whose config.yaml is empty": (["run", "--resume", "{saved}"], 2, "holds no config",
+                                       saved_run("config empty")),
+    "report of metrics.json of another shape": (["report", "{saved}"], 2,
+                                                "metrics.json is damaged (its models",
+                                                saved_run("metrics shape")),
+    "table written onto a folder": (["table", "{saved}", "--out", "{tmp}"], 2,
+                                    "it is a folder", saved_run(None)),
 }
 
 
@@ -183,6 +208,7 @@ def test_bad_input(case, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text(CONFIG)
     (tmp_path / "list.yaml").write_text("- generalists\n- students\n")
+    (tmp_path / "twice.yaml").write_text("name: a\nname: b\n")
     data = tmp_path / "data"
     saved = None
     if factory is not None and "saved" in " ".join(argv):

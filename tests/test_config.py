@@ -42,7 +42,7 @@ BAD = [  # (config, words of the refusal)
     ({"generalists": {"count": "two"}}, "generalists.count must be an integer"),
     ({"generalists": {"count": 1.5}}, "generalists.count must be an integer"),
     ({"generalists": {"count": 0}}, "generalists.count must be >= 1"),
-    ({"students": {"s": {"temperature": 0}}}, "students.s.temperature must be > 0"),
+    ({"students": {"s": {"temperature": 0}}}, "students.s.temperature must be >= 0.01"),
     ({"students": {"s": {"alpha": 1.5}}}, r"students.s.alpha must be in \[0, 1\]"),
     ({"students": {"s": {"drop_classes": [10]}}}, "students.s.drop_classes must hold"),
     ({"students": {"s": {"drop_classes": list(range(10))}}}, "at least one class"),
@@ -100,6 +100,13 @@ BAD = [  # (config, words of the refusal)
     ({"data": {"kwargs": {"n": 1}}}, "data.kwargs belong to a factory"),
     ({"data": {"npz": "a.npz", "stream": "parts/"}}, "data.stream streams only beside a named"),
     ({"students": {"s": {"paper": "no3"}}}, r"'no3' experiment, which needs drop_classes \[3\]"),
+    ({"generalists": {"train": {"lr": float("inf")}}}, "lr must be a finite number"),
+    ({"data": {"normalize": True, "mean": [float("nan")], "std": [1.0]}},
+     r"data.mean\[0\] must be a finite number"),
+    ({"students": {"s": {"temperature": 1e-45}}}, "temperature must be >= 0.01"),
+    ({"seed": 10 ** 23}, "seed must lie within"),
+    ({"generalists": {"resources": {"max_restarts": 10 ** 21}}}, "must be from 0 to 10000"),
+    ({"data": {"image_size": 7}}, "data.image_size applies to data.folder alone"),
 ]
 
 
