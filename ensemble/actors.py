@@ -153,11 +153,24 @@ def fits_a_live_node(res: ResourcesConfig, nodes: list[dict] | None = None) -> b
                   {"CPU": res.num_cpus, "GPU": res.num_gpus})
 
 
+def local_node() -> dict:
+    """What a local Ray started on this machine would offer: the CPUs and NVIDIA GPUs it
+    detects (asked of Ray's own detection, before starting it)."""
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+    from ray._private.utils import get_num_cpus
+
+    visible = NvidiaGPUAcceleratorManager.get_current_process_visible_accelerator_ids()
+    gpus = NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
+    return {"CPU": get_num_cpus(), "GPU": len(visible) if visible is not None else gpus}
+
+
 def check_resources(requests: dict[str, ResourcesConfig],
-                    node_types: tuple[NodeType, ...] = ()) -> set[str]:
-    """Refuse at once a request that no live node, nor any node the autoscaler may add, can hold
-    (Ray would wait for it forever); return the names of those that must wait for a new node."""
-    live = live_nodes()
+                    node_types: tuple[NodeType, ...] = (),
+                    live: list[dict] | None = None) -> set[str]:
+    """Refuse at once a request that no live node (`live`, else the cluster's now), nor any node
+    the autoscaler may add, can hold (Ray would wait for it forever); return the names of those
+    that must wait for a new node."""
+    live = live_nodes() if live is None else live
     future = [{"CPU": t.num_cpus, "GPU": t.num_gpus} for t in node_types]
     waiting = set()
     for name, res in requests.items():

@@ -194,7 +194,13 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
         # listen on every interface; as on macOS and Windows, this keeps it on 127.0.0.1. It
         # must be set before Ray is imported, and the processes Ray starts inherit it.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from ensemble.pipeline import run_pipeline  # imports Ray: only once the input is known good
+    from ensemble.pipeline import model_requests, run_pipeline  # imports Ray: only now
+    import ray
+
+    if not args.address and not ray.is_initialized():  # a local Ray: asked before it starts
+        from ensemble.actors import check_resources, local_node
+
+        check_resources(model_requests(cfg), cfg.autoscaler.node_types, [local_node()])
 
     path = run.location
     tracker = Tracker(run.path / "tb")

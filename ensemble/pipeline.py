@@ -249,11 +249,16 @@ def _check_cluster(cfg: RunConfig, tracker: Tracker, address: str | None, dashbo
     tracker.line(f"ray: {f'the cluster at {address}' if address else 'a local Ray'}, "
                  f"{nodes} node(s), {total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU"
                  + (f"; dashboard http://{dashboard}" if dashboard else ""))
+    check_resources(model_requests(cfg), cfg.autoscaler.node_types)
+
+
+def model_requests(cfg: RunConfig) -> dict:
+    """What each kind of model asks the cluster for, by a name for messages."""
     requests = {"generalist-0": cfg.generalists.resources}  # every generalist asks alike
     requests.update({f"student-{n}": s.resources for n, s in cfg.students.items()})
     if cfg.specialists.k:
         requests["specialists"] = cfg.specialists.resources
-    check_resources(requests, cfg.autoscaler.node_types)
+    return requests
 
 
 def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | None,

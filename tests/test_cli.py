@@ -188,6 +188,9 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
     "report of metrics.json of another shape": (["report", "{saved}"], 2,
                                                 "metrics.json is damaged (its models",
                                                 saved_run("metrics shape")),
+    "model asking for more CPUs than any node has": (  # a local Ray: asked before it starts
+        ["run", "{config}", "--set", "generalists.resources.num_cpus=4096"], 2,
+        "generalist-0 asks for 4096 CPU but no live node", None),
     "table written onto a folder": (["table", "{saved}", "--out", "{tmp}"], 2,
                                     "it is a folder", saved_run(None)),
 }
