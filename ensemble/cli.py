@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one sentence, exit 2, like ours
-        raise ConfigError(f"{message} (see 'ensemble {self.prog.split()[-1]} --help')")
+        verb = self.prog.split()[-1]
+        raise ConfigError(f"{message} (see 'ensemble{'' if verb == 'ensemble' else ' ' + verb} "
+                          "--help')")
 
 
 def _parser() -> argparse.ArgumentParser:

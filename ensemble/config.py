@@ -503,7 +503,10 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is tuple:
-        return f"a list of {_describe(get_args(tp)[0])}s"
+        inner = get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", bool: "true or false values",
+                  str: "strings"}.get(inner)
+        return f"a list of {plural}" if plural else f"a list, each {_describe(inner)}"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):

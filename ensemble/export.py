@@ -33,7 +33,8 @@ def choose_model(run: RunDir, wanted: str) -> str:
     metrics = (run.read_json("metrics.json") or {}).get("models", {})
     candidates = [m for m in models if m.startswith(wanted + "-")]
     if not candidates:
-        raise ConfigError(f"{run.location} has no {wanted} checkpoint to export")
+        raise ConfigError(f"{run.location} has no {wanted} checkpoint (choose another with "
+                          "--model)")
 
     def val_errors(name):
         value = ((metrics.get(name) or {}).get("summary") or {}).get("val_errors")
