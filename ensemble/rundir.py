@@ -92,11 +92,33 @@ class RunDir:
     def _remote(self, rel: str) -> str:
         return f"{self.root.rstrip('/')}/{rel}"
 
+    def _probe_remote(self) -> None:
+        """Refuse at once a URI run directory that cannot be written: a probe file written and
+        deleted there (and the folder, if the probe made it)."""
+        from pyarrow import fs
+
+        made = self.fs.get_file_info(self.root).type == fs.FileType.NotFound
+        probe = self._remote(".ensemble-probe")
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(probe) as out:
+                out.write(b"")
+            self.fs.delete_file(probe)
+            if made:
+                self.fs.delete_dir(self.root)
+        except Exception as err:  # pyarrow raises OSError and its own types
+            shutil.rmtree(self.path, ignore_errors=True)  # the staging copy: nothing started
+            raise ConfigError(f"cannot write the run directory {self.location}: "
+                              f"{(str(err).splitlines() or [type(err).__name__])[0]}") from None
+
     def close(self) -> None:
-        """Final sync, then drop the staging copy of a URI run directory."""
+        """Final sync, then drop the staging copy of a URI run directory (whatever the sync
+        did)."""
         if self.fs is not None:
-            self.sync()
-            shutil.rmtree(self.path, ignore_errors=True)
+            try:
+                self.sync()
+            finally:
+                shutil.rmtree(self.path, ignore_errors=True)
 
     # ------------------------------------------------------------ config -------------------------
     @property
@@ -122,6 +144,7 @@ class RunDir:
         """Refuse at once a local run directory that cannot be made: the nearest folder above it
         that exists must take a new folder (tried, and removed again)."""
         if self.fs is not None:
+            self._probe_remote()
             return
         why = uncreatable(self.path)
         if why:

@@ -63,3 +63,25 @@ def test_refused_resume_of_a_uri_leaves_no_staging_copy(tmp_path, capsys, monkey
     assert "changed config (seed differ)" in capsys.readouterr().err
     assert not list(staging.iterdir())  # the staging copy was removed
     assert (remote / "config.yaml").read_bytes() == before
+
+
+def test_a_uri_run_dir_that_cannot_be_written_is_refused_before_anything(tmp_path, capsys,
+                                                                          monkeypatch):
+    """It used to train, then fail at the first sync with a traceback, leaving its staging
+    copy behind; a writable one is left as it was (the probe removes what it made)."""
+    import tempfile
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(staging))
+    config = tmp_path / "c.yaml"
+    config.write_text("name: t\n")
+    assert main(["run", str(config), "--run-dir", "file:///proc/ensemble/run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ensemble: error: cannot write the run directory file:///proc/") \
+        and err.count("\n") == 1, err
+    assert not list(staging.iterdir())
+    fine = RunDir(f"file://{tmp_path / 'bucket' / 'new'}")
+    fine.check_creatable()
+    assert not (tmp_path / "bucket" / "new").exists()
+    fine.close()
