@@ -292,6 +292,9 @@ class Scheduler:
             result = ray.get(ready[0])
             blob = ray.get(blob_ref) if blob_ref is not None else None
         except RayError as err:
+            if blob_ref is not None:  # the epoch's second result holds the same error: read
+                with contextlib.suppress(RayError):  # it, or Ray prints it as unhandled
+                    ray.get(blob_ref, timeout=10)
             if isinstance(err, ActorUnavailableError) and job.unavailable < UNAVAILABLE_RETRIES:
                 # its node died or it is restarting, and Ray gave up on the call before it
                 # noticed: the actor comes back (max_restarts); ask for the epoch again
