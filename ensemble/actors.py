@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 
 import ray
 
@@ -153,15 +154,27 @@ def fits_a_live_node(res: ResourcesConfig, nodes: list[dict] | None = None) -> b
                   {"CPU": res.num_cpus, "GPU": res.num_gpus})
 
 
-def local_node() -> dict:
-    """What a local Ray started on this machine would offer: the CPUs and NVIDIA GPUs it
-    detects (asked of Ray's own detection, before starting it)."""
-    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+def local_node() -> dict | None:
+    """What a local Ray started on this machine would offer: the CPUs and GPUs it detects
+    (asked of Ray's own detection, before starting it); None if that cannot be asked."""
+    try:
+        return _detected()
+    except Exception:  # Ray's private detection moved or failed: Ray itself will say
+        return None
+
+
+def _detected() -> dict:
+    from ray._private import accelerators
     from ray._private.utils import get_num_cpus
 
-    visible = NvidiaGPUAcceleratorManager.get_current_process_visible_accelerator_ids()
-    gpus = NvidiaGPUAcceleratorManager.get_current_node_num_accelerators()
-    return {"CPU": get_num_cpus(), "GPU": len(visible) if visible is not None else gpus}
+    gpus = 0
+    for manager in accelerators.get_all_accelerator_managers():
+        if manager.get_resource_name() != "GPU":
+            continue
+        visible = manager.get_current_process_visible_accelerator_ids()
+        gpus += len(visible) if visible is not None else \
+            manager.get_current_node_num_accelerators()
+    return {"CPU": get_num_cpus(), "GPU": gpus}
 
 
 def check_resources(requests: dict[str, ResourcesConfig],
@@ -235,6 +248,7 @@ def ray_session(address: str | None, namespace: str):
         yield None
         return
     temp = None if address else tempfile.mkdtemp(prefix="ray-")  # short: socket paths are limited
+    original = signal.getsignal(signal.SIGTERM)  # ray.init replaces it (sys.exit) at its start
     try:
         # a local Ray on loopback (Ray swaps 127.0.0.1 for the routable address unless
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set before it was imported; the CLI does it),
@@ -254,17 +268,22 @@ def ray_session(address: str | None, namespace: str):
                                logging_level=logging.WARNING,
                                runtime_env={"env_vars": env} if env and address else None,
                                **local)
-        before = terminate_as_interrupt()
+        terminate_as_interrupt()
     except (ConnectionError, RuntimeError, ValueError) as err:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise ConfigError(f"cannot start or reach {where}: {str(err).splitlines()[0]}") from None
+    except BaseException:  # SIGTERM or Ctrl-C while Ray starts
+        ray.shutdown()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+        raise
     try:
         yield getattr(context, "dashboard_url", None)
     finally:
         ray.shutdown()
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        if original is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, original)
         if temp:
             shutil.rmtree(temp, ignore_errors=True)

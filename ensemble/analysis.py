@@ -98,13 +98,17 @@ PAPER_ERRORS = {"hard": 146, "distilled": 74}  # §3's rows that count test erro
 def interval(values: list[float]) -> tuple[float, float]:
     """The 95 % confidence interval of the mean over seeds (Student's t; two or more)."""
     n = len(values)
-    half = (T975[n - 2] if n <= 31 else 1.96) * statistics.stdev(values) / n ** 0.5
+    z = 1.959964  # beyond the table: the normal quantile, corrected for the degrees of freedom
+    t = T975[n - 2] if n <= 31 else z + (z ** 3 + z) / (4 * (n - 1))
+    half = t * statistics.stdev(values) / n ** 0.5
     return statistics.mean(values) - half, statistics.mean(values) + half
 
 
 def against_paper(values: list[float], paper: int) -> str:
     """Matched: the paper's figure lies within our 95 % interval; beaten: the interval lies
     below it; behind: above it."""
+    if statistics.stdev(values) == 0:  # seeds alike: no interval to judge by
+        return f"– ({paper})"
     lo, hi = interval(values)
     verdict = "matched" if lo <= paper <= hi else "beaten" if hi < paper else "behind"
     return f"{verdict} ({paper})"
@@ -167,12 +171,10 @@ def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> lis
         lines.append(row(models, f"{who} distilled at T=20", 74, by_row["distilled"],
                          errors(models[by_row["distilled"]].test, y_test),
                          picked(candidates["distilled"], models, data, "distilled")))
-    if "no3" in by_row:
-        lines += shifted_rows(models, by_row["no3"], data, [3], +1.0,
-                              picked(candidates["no3"], models, data, "no3"))
-    if "only78" in by_row:
-        lines += shifted_rows(models, by_row["only78"], data, [7, 8], -1.0,
-                              picked(candidates["only78"], models, data, "only78"))
+    for row_ in ("no3", "only78"):
+        if row_ in by_row:
+            lines += shifted_rows(models, by_row[row_], data, *SHIFTED[row_],
+                                  picked(candidates[row_], models, data, row_))
     for name in tagged(cfg, models, ""):  # a variant of the recipe (configs/paper/*.yaml)
         last = models[name].meta["history"][-1]
         lines.append(row(models, f"{name[len('student-'):]} (see the config)", "–", name,

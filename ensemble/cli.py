@@ -179,6 +179,8 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
 
     splits = load_splits(cfg.data, args.data_dir)  # before anything is started or written
     cfg.check_classes(splits.num_classes)  # data of one's own: its classes are known only now
+    if not resume:
+        cfg.check_subsets(splits.num_classes)
     _check_models(cfg, splits)
     spec = cfg.specialists
     if spec.k and spec.covariance_on == "val" and len(splits.val_y) == 0:
@@ -202,7 +204,9 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
     if not args.address and not ray.is_initialized():  # a local Ray: asked before it starts
         from ensemble.actors import check_resources, local_node
 
-        check_resources(model_requests(cfg), cfg.autoscaler.node_types, [local_node()])
+        node = local_node()
+        if node is not None:
+            check_resources(model_requests(cfg), cfg.autoscaler.node_types, [node])
 
     path = run.location
     tracker = Tracker(run.path / "tb")

@@ -422,22 +422,26 @@ class RunConfig:
                      "(specialists.k > 0)", student.soft_targets)
             _require(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, f"students.{name}",
                      "must be named with letters, digits, '_' and '-' only", name)
-            _check_paper_row(name, student, self.students)
+            _check_paper_row(name, student)
             _require(not self.data.stream or not (student.drop_classes or student.keep_classes
                                                   or student.transfer_size),
                      f"students.{name}", "cannot filter or subsample a streamed transfer set "
                      "(drop_classes, keep_classes, transfer_size)", name)
+
+    def check_subsets(self, classes: int) -> None:
+        """Specialists the classes can fill: each class joins 1 + overlap subsets, each subset
+        needs min_size (checked for new runs only, so older runs still load)."""
+        spec = self.specialists
+        most = classes * (1 + spec.overlap) // spec.min_size
+        _require(spec.k <= most, "specialists.k", f"must be at most {most}: {classes} classes, "
+                 f"each in 1 + overlap ({spec.overlap}) subsets, fill at most {most} subsets of "
+                 f"specialists.min_size ({spec.min_size}) classes", spec.k)
 
     def check_classes(self, classes: int) -> None:
         """The keys that depend on the data's number of classes (a data set of one's own is
         checked once read, before anything starts)."""
         _require(self.specialists.k <= classes, "specialists.k",
                  f"must be at most the number of classes ({classes})", self.specialists.k)
-        spec = self.specialists  # each class joins 1 + overlap subsets, each needs min_size
-        most = classes * (1 + spec.overlap) // spec.min_size
-        _require(spec.k <= most, "specialists.k", f"must be at most {most}: {classes} classes, "
-                 f"each in 1 + overlap ({spec.overlap}) subsets, fill at most {most} subsets of "
-                 f"specialists.min_size ({spec.min_size}) classes", spec.k)
         _require(self.specialists.top_n <= classes, "specialists.top_n",
                  f"must be at most the number of classes ({classes})", self.specialists.top_n)
         for name, student in self.students.items():
@@ -483,7 +487,7 @@ def _check_workers(cfg: RunConfig) -> None:
                  "cannot be combined with resources.workers > 1", train.compile)
 
 
-def _check_paper_row(name: str, student: StudentConfig, students: dict) -> None:
+def _check_paper_row(name: str, student: StudentConfig) -> None:
     """A student's `paper` row must be the experiment it names (several students naming one
     row are its candidates: the table verb fills it with the one validation picks)."""
     row = student.paper
@@ -640,22 +644,32 @@ def _join(path: str, key: Any) -> str:
 
 class _Loader(yaml.SafeLoader):
     """YAML as yaml.safe_load reads it, but a key given twice in one mapping is refused (the
-    last would silently win); keys merged in with `<<` may still be overridden."""
+    last would silently win); keys merged in with `<<` may still be overridden. Checked on the
+    composed tree, before merges rewrite any mapping."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
+    def construct_document(self, node):
+        seen_nodes, todo = set(), [node]
+        while todo:
+            current = todo.pop()
+            if id(current) in seen_nodes:
                 continue
-            key = getattr(key_node, "value", None)
-            if isinstance(key, str) and key in seen:
-                raise ConfigError(f"key '{key}' is given twice in one mapping (line "
-                                  f"{key_node.start_mark.line + 1})")
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:map", _Loader.construct_yaml_map)
+            seen_nodes.add(id(current))
+            if isinstance(current, yaml.MappingNode):
+                keys = set()
+                for key_node, value_node in current.value:
+                    todo += [key_node, value_node]
+                    if key_node.tag == "tag:yaml.org,2002:merge" or \
+                            not isinstance(key_node, yaml.ScalarNode):
+                        continue
+                    key = (self.resolve(yaml.ScalarNode, key_node.value, (True, False))
+                           if key_node.tag is None else key_node.tag, key_node.value)
+                    if key in keys:
+                        raise ConfigError(f"key '{key_node.value}' is given twice in one mapping "
+                                          f"(line {key_node.start_mark.line + 1})")
+                    keys.add(key)
+            elif isinstance(current, yaml.SequenceNode):
+                todo += current.value
+        return super().construct_document(node)
 
 
 def read_yaml(text: str) -> Any:

@@ -45,18 +45,18 @@ def terminated() -> bool:
     return bool(_TERMINATED)
 
 
-def terminate_as_interrupt():
-    """From now on SIGTERM raises Terminated in the main thread (called once Ray has started:
-    the driver's Ray core installs a handler of its own, a stack dump and exit). Returns the
-    handler it replaced, for signal.signal to put back."""
+def terminate_as_interrupt() -> None:
+    """From now on the first SIGTERM raises Terminated in the main thread (called once Ray has
+    started: the driver's Ray core installs a handler of its own, a stack dump and exit)."""
     import signal
     import threading
 
     def _raise(signum, frame):
+        if _TERMINATED:  # a second SIGTERM (`timeout -k`, `ray job stop`) lets cleanup finish
+            return
         _TERMINATED.append(signum)
         raise Terminated()
 
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    _TERMINATED.clear()
-    return signal.signal(signal.SIGTERM, _raise)
+    if threading.current_thread() is threading.main_thread():
+        _TERMINATED.clear()
+        signal.signal(signal.SIGTERM, _raise)

@@ -182,9 +182,9 @@ def _check_size(cfg: ModelConfig, key: str, image_shape: tuple[int, int, int],
         size = sum(t.numel() * t.element_size()
                    for t in [*model.parameters(), *model.buffers()])
         count = count_parameters(model)
-    except Exception:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except Exception:  # no meta build, or no sysconf (Windows): the real build will tell
         return
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if size > memory:
         raise ConfigError(f"{key}: the model has {count:,} parameters, {size / 1e9:,.0f} GB of "
                           f"weights, more than this machine's {memory / 1e9:,.0f} GB of memory")

@@ -105,8 +105,6 @@ def build(run: RunDir) -> tuple[str, dict[str, bytes]]:
         raise ConfigError(f"{run.location} has no results yet (metrics.json is written after "
                           "the first epoch)")
     models, timings = metrics["models"], metrics.get("timings")
-    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
-        raise ConfigError(f"{run.location}: metrics.json is damaged (its models are not records)")
     subsets, ensemble = run.read_json("subsets.json"), run.read_json("ensemble.json")
     pngs: dict[str, bytes] = {}
 

@@ -97,9 +97,9 @@ class RunDir:
         deleted there (and the folder, if the probe made it)."""
         from pyarrow import fs
 
-        made = self.fs.get_file_info(self.root).type == fs.FileType.NotFound
         probe = self._remote(".ensemble-probe")
         try:
+            made = self.fs.get_file_info(self.root).type == fs.FileType.NotFound
             self.fs.create_dir(self.root, recursive=True)
             with self.fs.open_output_stream(probe) as out:
                 out.write(b"")
@@ -200,6 +200,10 @@ class RunDir:
             raise ConfigError(f"{self.location}: {name} is damaged (not valid JSON)") from None
         if data is not None and not isinstance(data, dict):
             raise ConfigError(f"{self.location}: {name} is damaged (not a JSON object)")
+        models = (data or {}).get("models", {}) if name == "metrics.json" else {}
+        if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+            raise ConfigError(f"{self.location}: metrics.json is damaged (its models are not "
+                              "records)")
         return data
 
     def write_json(self, name: str, data: dict) -> None:

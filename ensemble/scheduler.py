@@ -226,6 +226,8 @@ class Scheduler:
                 if self._room_for(job, total):
                     self._start(job, total)
                     changed = True
+                    if job.spec.critical:  # a series' next model may now join the queue ahead
+                        break              # of the others: extend it and look again
 
     def _room_for(self, job: Job, cluster: dict | None) -> bool:
         """Whether `job` may start now: it fits what the cluster's resources have left after

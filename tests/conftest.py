@@ -140,7 +140,7 @@ def pytest_terminal_summary(terminalreporter):
               "| test | bad input | passed |", "|---|---|---|"]
     for node, ok in _OUTCOMES.items():
         if node.startswith(_GROUPS["bad inputs refused cleanly"]):
-            test, _, case = node.split("::")[1].partition("[")
+            test, _, case = node.split("::", 1)[1].partition("[")
             test = test.removeprefix("test_bad_").replace("_", " ")
             case, test = (case[:-1], test) if case else (test, "–")
             lines.append(f"| {test} | {case.replace('|', '/')} | {'yes' if ok else 'no'} |")

@@ -189,9 +189,21 @@ def test_data_of_ones_own_has_its_classes_checked_once_read():
     cfg = parse(RunConfig, {"data": {"npz": "a.npz"}, "specialists": {"k": 15},
                             "students": {"s": {"drop_classes": [12]}}})
     cfg.check_classes(40)  # fine for 40 classes
+    cfg.check_classes(28)
     with pytest.raises(ConfigError, match=r"specialists.k must be at most 14: 28 classes"):
-        cfg.check_classes(28)  # 15 subsets of 2 classes need 30 places
+        cfg.check_subsets(28)  # 15 subsets of 2 classes need 30 places (a new run's check)
     with pytest.raises(ConfigError, match=r"specialists.k must be at most the number of classes"):
         cfg.check_classes(10)
     with pytest.raises(ConfigError, match="specialists.k"):
         parse(RunConfig, {"specialists": {"k": 30}})  # a named set: at once
+
+
+def test_merged_anchors_are_not_keys_given_twice():
+    """A mapping merged into another that is merged again (a recipe's variant of a variant):
+    keys overridden through `<<` are not duplicates; a key written twice is."""
+    from ensemble.config import read_yaml
+
+    text = "base: &base {a: 1, b: 2}\nx: {y: &mid {<<: *base, a: 3}}\nz: {<<: *mid, c: 1}\n"
+    assert read_yaml(text) == yaml.safe_load(text)
+    with pytest.raises(ConfigError, match="key 'k' is given twice in one mapping \\(line 2\\)"):
+        read_yaml("x:\n  - {k: 1, k: 2}\n")

@@ -68,3 +68,26 @@ def test_models_keep_the_order_planned_though_a_series_grows_later():
     assert list(sched.jobs)[-1] == "generalist-2"  # added last ...
     assert [j.name for j in sched.models()] == ["generalist-0", "generalist-1", "generalist-2",
                                                 "student-s"]  # ... listed where planned
+
+
+def test_generalists_queued_one_at_a_time_still_start_before_other_jobs(monkeypatch):
+    """Critical jobs first: with room for two, the second generalist (added only once the first
+    started) must start before a student that waits for nothing."""
+    from ensemble import scheduler as module
+
+    monkeypatch.setattr(module.ray, "cluster_resources", lambda: {"CPU": 2})
+    monkeypatch.setattr(module, "live_nodes", lambda: [{"CPU": 2}])
+    monkeypatch.setattr(module, "fits_a_live_node", lambda res, nodes=None: True)
+    sched = plan(3)
+    sched.train(JobSpec("student-hard", "student", "students.hard", epochs=2),
+                functools.partial(tuple))
+    started = []
+
+    def start(job, cluster):
+        started.append(job.name)
+        job.actor = object()
+        sched.active[object()] = job, None
+
+    monkeypatch.setattr(sched, "_start", start)
+    sched._start_ready()
+    assert started == ["generalist-0", "generalist-1"]
