@@ -75,9 +75,7 @@ def best_shift(val: torch.Tensor, y_val: torch.Tensor, classes: list[int], sign:
     """The shift of the given classes' logits (by sign * s) with the fewest validation errors."""
     scores = []
     for s in SHIFTS.tolist():
-        z = val.clone()
-        z[:, classes] += sign * s
-        scores.append((errors(z, y_val), s))
+        scores.append((errors(shifted(val, classes, sign * s), y_val), s))
     return min(scores)[1]
 
 
@@ -148,13 +146,18 @@ def row(models: dict, label: str, paper, name: str, ours, note: str = "") -> str
             f"{meta['summary']['wall_seconds']:.0f} s | {note} |")
 
 
+SHIFTED = {"no3": ([3], +1.0), "only78": ([7, 8], -1.0)}  # rows judged after a bias shift
+
+
 def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> list[str]:
     """The table's rows: teacher, the tagged students of §3, then every untagged student."""
     y_test, y_val = data.y_test, data.y_val
     candidates: dict[str, list[str]] = {}
     for n in tagged(cfg, models, "hard", "distilled", "no3", "only78"):
         candidates.setdefault(cfg.students[n[len("student-"):]].paper, []).append(n)
-    by_row = {r: pick(names, models, data, r) for r, names in candidates.items()}
+    scores = {r: {n: val_errors(models[n], data, r) for n in names}
+              for r, names in candidates.items()}
+    by_row = {r: min(found, key=found.get) for r, found in scores.items()}  # first on a tie
     teacher = next(n for n in models if n.startswith("generalist-"))
     x_train = to_device(data.splits.train_x, CPU)
     own = errors(predict_logits(load_model(run.latest(teacher)[0], CPU)[0], x_train),
@@ -165,16 +168,16 @@ def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> lis
     if "hard" in by_row:
         lines.append(row(models, "student 784-800-800-10, hard labels", 146, by_row["hard"],
                          errors(models[by_row["hard"]].test, y_test),
-                         picked(candidates["hard"], models, data, "hard")))
+                         picked(scores["hard"])))
     if "distilled" in by_row:
         who = "same student" if "hard" in by_row else "student 784-800-800-10"
         lines.append(row(models, f"{who} distilled at T=20", 74, by_row["distilled"],
                          errors(models[by_row["distilled"]].test, y_test),
-                         picked(candidates["distilled"], models, data, "distilled")))
+                         picked(scores["distilled"])))
     for row_ in ("no3", "only78"):
         if row_ in by_row:
             lines += shifted_rows(models, by_row[row_], data, *SHIFTED[row_],
-                                  picked(candidates[row_], models, data, row_))
+                                  picked(scores[row_]))
     for name in tagged(cfg, models, ""):  # a variant of the recipe (configs/paper/*.yaml)
         last = models[name].meta["history"][-1]
         lines.append(row(models, f"{name[len('student-'):]} (see the config)", "–", name,
@@ -186,6 +189,13 @@ def paper_rows(cfg: RunConfig, run: RunDir, models: dict, data: Labelled) -> lis
     return lines + specialists_row(cfg, run, models)
 
 
+def shifted(logits: torch.Tensor, classes: list[int], by: float) -> torch.Tensor:
+    """`logits` with the given classes' biases moved by `by` (a copy)."""
+    moved = logits.clone()
+    moved[:, classes] += by
+    return moved
+
+
 def shifted_note(student: StudentConfig, out: Outputs, data: Labelled) -> str:
     """For a student whose transfer set kept or dropped classes: its errors after the shift of
     those classes' biases chosen on validation (lowered for kept, raised for dropped ones)."""
@@ -193,38 +203,27 @@ def shifted_note(student: StudentConfig, out: Outputs, data: Labelled) -> str:
                      (list(student.drop_classes), +1.0))
     if not classes:
         return ""
-    shift = best_shift(out.val, data.y_val, classes, sign)
-    val, test = out.val.clone(), out.test.clone()
-    val[:, classes] += sign * shift
-    test[:, classes] += sign * shift
-    return (f"; biases of {classes} shifted by {sign * shift:+g} (chosen on validation): "
-            f"{errors(val, data.y_val)} on validation, {errors(test, data.y_test)} on test")
+    by = sign * best_shift(out.val, data.y_val, classes, sign)
+    return (f"; biases of {classes} shifted by {by:+g} (chosen on validation): "
+            f"{errors(shifted(out.val, classes, by), data.y_val)} on validation, "
+            f"{errors(shifted(out.test, classes, by), data.y_test)} on test")
 
 
-SHIFTED = {"no3": ([3], +1.0), "only78": ([7, 8], -1.0)}  # rows judged after a bias shift
-
-
-def val_errors(name: str, models: dict, data: Labelled, row_: str) -> int:
+def val_errors(out: Outputs, data: Labelled, row_: str) -> int:
     """A candidate's validation errors for `row_`: after the shift validation picks, if any."""
-    val = models[name].val
-    if row_ in SHIFTED:
-        classes, sign = SHIFTED[row_]
-        val = val.clone()
-        val[:, classes] += sign * best_shift(val, data.y_val, classes, sign)
-    return errors(val, data.y_val)
+    if row_ not in SHIFTED:
+        return errors(out.val, data.y_val)
+    classes, sign = SHIFTED[row_]
+    by = sign * best_shift(out.val, data.y_val, classes, sign)
+    return errors(shifted(out.val, classes, by), data.y_val)
 
 
-def pick(names: list[str], models: dict, data: Labelled, row_: str) -> str:
-    """The candidate for a row with the fewest validation errors (the first on a tie)."""
-    return min(names, key=lambda n: val_errors(n, models, data, row_))
-
-
-def picked(names: list[str], models: dict, data: Labelled, row_: str) -> str:
-    """How a row's student was picked, when it had rivals."""
-    if len(names) == 1:
+def picked(scores: dict[str, int]) -> str:
+    """How a row's student was picked, when it had rivals ({candidate: validation errors})."""
+    if len(scores) == 1:
         return ""
-    each = ", ".join(f"{n[len('student-'):]} {val_errors(n, models, data, row_)}" for n in names)
-    return f"picked on validation errors from {len(names)} candidates ({each})"
+    each = ", ".join(f"{n[len('student-'):]} {v}" for n, v in scores.items())
+    return f"picked on validation errors from {len(scores)} candidates ({each})"
 
 
 def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], sign: float,
@@ -232,27 +231,24 @@ def shifted_rows(models: dict, name: str, data: Labelled, classes: list[int], si
     """A filtered-transfer-set student's row, and its row after the bias shift of `classes`
     that validation picks (raised for classes it never saw, lowered for the only ones it saw);
     `note`: how the student was picked."""
-    val, test, y_test = models[name].val, models[name].test.clone(), data.y_test
+    val, test, y_test = models[name].val, models[name].test, data.y_test
     shift = best_shift(val, data.y_val, classes, sign)
     on_test = best_shift(test, y_test, classes, sign)  # reported beside, never used
-    at_best = test.clone()
-    at_best[:, classes] += sign * on_test
+    at_best, moved = shifted(test, classes, sign * on_test), shifted(test, classes, sign * shift)
     if sign > 0:  # no 3s: errors, and those on 3s
         threes = y_test == 3
         plain = f"{errors(test, y_test)} ({errors(test[threes], y_test[threes])} of " \
                 f"{int(threes.sum())} 3s)"
-        test[:, classes] += shift
         return [row(models, "distilled without any 3 in the transfer set",
                     "206 (133 of 1010 3s)", name, plain, note),
                 row(models, "same, 3-bias raised", "109 (14 on 3s), +3.5 chosen on test", name,
-                    f"{errors(test, y_test)} ({errors(test[threes], y_test[threes])} on 3s)",
+                    f"{errors(moved, y_test)} ({errors(moved[threes], y_test[threes])} on 3s)",
                     f"+{shift:g} chosen on validation; the shift best on test, for comparison "
                     f"only: +{on_test:g} ({errors(at_best, y_test)})")]
     rate = lambda z: f"{100 * errors(z, y_test) / len(y_test):.1f} %"  # noqa: E731
     lines = [row(models, "transfer set of 7s and 8s only", "47.3 %", name, rate(test), note)]
-    test[:, classes] -= shift
     return lines + [row(models, "same, 7/8 biases lowered", "13.2 %, -7.6 chosen on test", name,
-                        rate(test), f"-{shift:g} chosen on validation; the shift best on test, "
+                        rate(moved), f"-{shift:g} chosen on validation; the shift best on test, "
                         f"for comparison only: -{on_test:g} ({rate(at_best)})")]
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, parse, \
     load_config, resume_conflicts, to_dict
-from ensemble.errors import ConfigError, EnsembleError, Terminated, terminated
+from ensemble.errors import ConfigError, EnsembleError, terminated
 
 if TYPE_CHECKING:
     from ensemble.rundir import RunDir
@@ -217,9 +217,8 @@ def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, byt
                  f"{splits.name}")
     try:
         run_pipeline(cfg, run, splits, args.address, resume, tracker, adopted)
-    except KeyboardInterrupt as stop:
-        how, code = ("terminated", 143) if isinstance(stop, Terminated) or terminated() else \
-            ("interrupted", 130)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (ensemble.errors.Terminated)
+        how, code = ("terminated", 143) if terminated() else ("interrupted", 130)
         print(f"{how}; continue with: ensemble run --resume {path}", file=sys.stderr)
         return code
     finally:

@@ -661,8 +661,7 @@ class _Loader(yaml.SafeLoader):
                     if key_node.tag == "tag:yaml.org,2002:merge" or \
                             not isinstance(key_node, yaml.ScalarNode):
                         continue
-                    key = (self.resolve(yaml.ScalarNode, key_node.value, (True, False))
-                           if key_node.tag is None else key_node.tag, key_node.value)
+                    key = (key_node.tag, key_node.value)  # tags are resolved when composed
                     if key in keys:
                         raise ConfigError(f"key '{key_node.value}' is given twice in one mapping "
                                           f"(line {key_node.start_mark.line + 1})")
