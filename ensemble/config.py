@@ -305,6 +305,8 @@ class SpecialistsConfig:
     overlap: int = 0  # each class also joins its r nearest other clusters (the paper's overlapped)
     min_tie: float = -1.0  # a class less tied than this to every cluster stays with the generalist
     min_size: int = 2  # smaller subsets get no specialist
+    max_size: float = 0.0  # a subset's core holds at most this x classes / k classes (before
+    #   overlap); 0 = no bound. Many classes: k-means alone leaves one cluster of most of them
     fraction: float = 0.5  # §5.1: half of each batch from the subset, half from the rest
     epoch: Literal["training set", "subset"] = "training set"  # a specialist's epoch: as many
     #   examples as the training set, or as show each subset example about once (many classes:
@@ -329,6 +331,9 @@ class SpecialistsConfig:
         _require(self.overlap >= 0, "overlap", "must be >= 0", self.overlap)
         _require(-1.0 <= self.min_tie <= 1.0, "min_tie", "must be in [-1, 1]", self.min_tie)
         _require(self.min_size >= 2, "min_size", "must be >= 2", self.min_size)
+        _require(self.max_size == 0 or self.max_size >= 1, "max_size", "must be 0 (no bound) or "
+                 ">= 1 (k subsets of fewer than classes / k cannot hold every class)",
+                 self.max_size)
         _require(0.0 < self.fraction < 1.0, "fraction", "must be in (0, 1)", self.fraction)
         _require(self.top_n >= 1, "top_n", "must be >= 1", self.top_n)
         _require(self.combine_tol > 0, "combine_tol", "must be > 0", self.combine_tol)

@@ -8,10 +8,18 @@ covariances or as correlations (`compare`). The columns are clustered with an on
 (mini-batch) k-means; a class may also join its `overlap` nearest other clusters (the paper's
 specialists overlapped), a class whose tie to every cluster is below `min_tie` stays with the
 generalist alone, and subsets smaller than `min_size` are dropped.
+
+On many classes the clusters come out lopsided: a confident generalist's well-told classes have
+near-zero columns and all fall into one cluster (1000 font classes, k = 16: sizes 2 to 913). With
+`max_size` (a multiple of classes / k) each cluster's core holds at most that many classes:
+k-means's centroids are refined by rounds of capacity-bounded assignment and re-centring: the
+classes tied to one cluster choose first, those near every cluster (the well-told ones) fill
+what room is left.
 """
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -74,17 +82,22 @@ def _kmeans_once(points: torch.Tensor, k: int, iterations: int, batch: int,
 
 def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int = 0,
                    overlap: int = 0, min_tie: float = -1.0,
-                   min_size: int = 2) -> list[list[int]]:
+                   min_size: int = 2, max_size: float = 0.0) -> list[list[int]]:
     """Class subsets (sorted lists of class indices) from an affinity matrix (C, C)."""
     classes = aff.shape[0]
     points = aff.double()
     centroids = online_kmeans(points, k, iterations, seed=seed)
+    if max_size:
+        nearest, centroids = balanced(points, centroids, math.ceil(max_size * classes / k))
     dist = torch.cdist(points, centroids)  # (C, k)
     order = dist.argsort(1)
-    core = [set((order[:, 0] == j).nonzero().flatten().tolist()) for j in range(k)]
+    if not max_size:
+        nearest = order[:, 0]
+    core = [set((nearest == j).nonzero().flatten().tolist()) for j in range(k)]
     members = [set(c) for c in core]
-    for c in range(classes):  # overlap: each class also joins its next-nearest clusters
-        for j in order[c, 1:1 + overlap].tolist():
+    home = nearest.tolist()
+    for c in range(classes):  # overlap: each class also joins its nearest other clusters
+        for j in [j for j in order[c].tolist() if j != home[c]][:overlap]:
             members[j].add(c)
 
     def tie(c, j):  # mean affinity of class c with the core of cluster j (itself left out)
@@ -97,6 +110,35 @@ def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int =
     subsets = [s for s in subsets if len(s) >= min_size]
     unique = sorted(set(map(tuple, subsets)))
     return [list(s) for s in unique]
+
+
+def balanced(points: torch.Tensor, centroids: torch.Tensor, capacity: int,
+             rounds: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's cluster (N,) with at most `capacity` points a cluster, and the centroids
+    (k, D) re-centred on them. Per round, points with most to lose choose first (the gap between
+    their nearest and second-nearest centroids), each taking its nearest cluster with room, so
+    the points that sit near many clusters fill what is left; until the assignment stops
+    changing or after `rounds`."""
+    n, k = points.shape[0], centroids.shape[0]
+    if capacity * k < n:
+        raise ValueError(f"{k} clusters of at most {capacity} cannot hold {n} points")
+    nearest = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(rounds):
+        dist = torch.cdist(points, centroids)
+        ranked = dist.sort(1)
+        gap = ranked.values[:, 1] - ranked.values[:, 0] if k > 1 else torch.zeros(n)
+        assigned, room = [0] * n, [capacity] * k
+        for point in gap.argsort(descending=True, stable=True).tolist():
+            cluster = next(j for j in ranked.indices[point].tolist() if room[j])
+            assigned[point] = cluster
+            room[cluster] -= 1
+        assigned = torch.tensor(assigned)
+        if torch.equal(assigned, nearest):
+            break
+        nearest = assigned
+        centroids = torch.stack([points[nearest == j].mean(0) if (nearest == j).any()
+                                 else centroids[j] for j in range(k)])
+    return nearest, centroids
 
 
 def pair_agreement(subsets: list[list[int]], groups: list[list[int]]) -> dict[str, float]:

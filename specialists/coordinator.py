@@ -27,7 +27,7 @@ def coordinate(cfg: SpecialistsConfig, generalists: list[bytes], data: Splits,
     probs = Teacher(models).probs(to_device(images, dev), cfg.temperature)
     cov = prediction_covariance(probs.double()).cpu()
     subsets = assign_subsets(affinity(cov, cfg.compare), cfg.k, cfg.iterations, cfg.seed,
-                             cfg.overlap, cfg.min_tie, cfg.min_size)
+                             cfg.overlap, cfg.min_tie, cfg.min_size, cfg.max_size)
     return {"subsets": subsets, "names": [[data.classes[c] for c in s] for s in subsets],
             "covariance_on": cfg.covariance_on, "inputs": len(images), "device": str(dev),
             "covariance": cov.tolist()}

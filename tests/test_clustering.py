@@ -59,3 +59,26 @@ def test_online_kmeans_finds_separated_centres():
 def test_pair_agreement_counts_pairs():
     got = pair_agreement([[0, 1, 5]], [[0, 1, 2], [5, 6]])
     assert got["pair_recall"] == pytest.approx(1 / 4) and got["pair_precision"] == pytest.approx(1 / 3)
+
+
+def test_max_size_balances_lopsided_clusters():
+    """Classes a generalist never confuses have near-zero columns and k-means puts them all in
+    one cluster; max_size caps every core, and the confused blocks still stay together."""
+    g = torch.Generator().manual_seed(0)
+    blocks = [[3 * b, 3 * b + 1, 3 * b + 2] for b in range(6)]  # 18 confused, 30 clear classes
+    true = torch.randint(48, (20000,), generator=g)
+    probs = torch.full((len(true), 48), 1e-4)
+    for i, t in enumerate(true.tolist()):
+        block = blocks[t // 3] if t < 18 else [t]
+        share = torch.rand(len(block), generator=g)
+        probs[i, block] += 0.5 * share / share.sum()
+        probs[i, t] += 0.5
+    aff = affinity(prediction_covariance(probs / probs.sum(1, keepdim=True)), "offdiag")
+    plain = assign_subsets(aff, k=7, seed=1)
+    assert pair_agreement(plain, blocks)["pair_recall"] == 1.0
+    assert max(map(len, plain)) == 30  # the clear classes in one lump
+    capped = assign_subsets(aff, k=7, seed=1, max_size=1.5)
+    assert max(map(len, capped)) <= 11 and sum(map(len, capped)) == 48  # ceil(1.5 * 48 / 7)
+    assert pair_agreement(capped, blocks)["pair_recall"] == 1.0
+    with_overlap = assign_subsets(aff, k=7, seed=1, max_size=1.5, overlap=1)
+    assert all(sum(c in s for s in with_overlap) == 2 for c in range(48))
