@@ -15,6 +15,12 @@ near-zero columns and all fall into one cluster (1000 font classes, k = 16: size
 k-means's centroids are refined by rounds of capacity-bounded assignment and re-centring: the
 classes tied to one cluster choose first, those near every cluster (the well-told ones) fill
 what room is left.
+
+With a fixed `overlap` every class is covered by 1 + overlap specialists. The paper's coverage
+varied (its Table 4: 0 to 10 and more), and the classes a generalist confuses most are those that
+need it: with `overlap_mass` a class joins another cluster only when, on the inputs the
+generalist calls that class, at least that share of the probability goes to the cluster's core
+(`leakage`, again no labels).
 """
 from __future__ import annotations
 
@@ -82,8 +88,11 @@ def _kmeans_once(points: torch.Tensor, k: int, iterations: int, batch: int,
 
 def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int = 0,
                    overlap: int = 0, min_tie: float = -1.0,
-                   min_size: int = 2, max_size: float = 0.0) -> list[list[int]]:
-    """Class subsets (sorted lists of class indices) from an affinity matrix (C, C)."""
+                   min_size: int = 2, max_size: float = 0.0, leak: torch.Tensor | None = None,
+                   overlap_mass: float = 0.0) -> list[list[int]]:
+    """Class subsets (sorted lists of class indices) from an affinity matrix (C, C). With
+    `leak` (C, C; `leakage`) and `overlap_mass`, a class joins only the other clusters, up to
+    `overlap` of them and most first, whose cores take at least that share of its mass."""
     classes = aff.shape[0]
     points = aff.double()
     centroids = online_kmeans(points, k, iterations, seed=seed)
@@ -96,8 +105,12 @@ def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int =
     core = [set((nearest == j).nonzero().flatten().tolist()) for j in range(k)]
     members = [set(c) for c in core]
     home = nearest.tolist()
+    if overlap_mass > 0:  # the mass each class leaks to each cluster's core
+        mass = leak.double() @ torch.nn.functional.one_hot(nearest, k).double()  # (C, k)
+        order = mass.argsort(dim=1, descending=True, stable=True)
     for c in range(classes):  # overlap: each class also joins its nearest other clusters
-        for j in [j for j in order[c].tolist() if j != home[c]][:overlap]:
+        near = [j for j in order[c].tolist() if j != home[c]][:overlap]
+        for j in near if overlap_mass <= 0 else [j for j in near if mass[c, j] >= overlap_mass]:
             members[j].add(c)
 
     def tie(c, j):  # mean affinity of class c with the core of cluster j (itself left out)
@@ -110,6 +123,16 @@ def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int =
     subsets = [s for s in subsets if len(s) >= min_size]
     unique = sorted(set(map(tuple, subsets)))
     return [list(s) for s in unique]
+
+
+def leakage(probs: torch.Tensor) -> torch.Tensor:
+    """(C, C): row c the mean of the predicted probabilities (N, C) over the inputs predicted
+    as class c (zeros where none is): where a class's probability mass goes. No labels."""
+    classes = probs.shape[1]
+    called = probs.argmax(1)
+    total = torch.zeros(classes, classes, dtype=probs.dtype).index_add_(0, called, probs)
+    counts = torch.bincount(called, minlength=classes).clamp_min(1)
+    return total / counts[:, None].to(probs.dtype)
 
 
 def balanced(points: torch.Tensor, centroids: torch.Tensor, capacity: int,

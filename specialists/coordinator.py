@@ -11,7 +11,8 @@ from ensemble.errors import TrainingError
 from ensemble.models import load_model
 from ensemble.teacher import Teacher
 from ensemble.train import pick_device
-from specialists.clustering import affinity, assign_subsets, prediction_covariance
+from specialists.clustering import (affinity, assign_subsets, leakage,
+                                    prediction_covariance)
 
 
 def coordinate(cfg: SpecialistsConfig, generalists: list[bytes], data: Splits,
@@ -27,7 +28,8 @@ def coordinate(cfg: SpecialistsConfig, generalists: list[bytes], data: Splits,
     probs = Teacher(models).probs(to_device(images, dev), cfg.temperature)
     cov = prediction_covariance(probs.double()).cpu()
     subsets = assign_subsets(affinity(cov, cfg.compare), cfg.k, cfg.iterations, cfg.seed,
-                             cfg.overlap, cfg.min_tie, cfg.min_size, cfg.max_size)
+                             cfg.overlap, cfg.min_tie, cfg.min_size, cfg.max_size,
+                             leakage(probs.double().cpu()), cfg.overlap_mass)
     return {"subsets": subsets, "names": [[data.classes[c] for c in s] for s in subsets],
             "covariance_on": cfg.covariance_on, "inputs": len(images), "device": str(dev),
             "covariance": cov.tolist()}

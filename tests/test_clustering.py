@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from specialists.clustering import (affinity, assign_subsets, online_kmeans, pair_agreement,
-                                    prediction_covariance)
+from specialists.clustering import (affinity, assign_subsets, leakage, online_kmeans,
+                                    pair_agreement, prediction_covariance)
 
 BLOCKS = [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
 
@@ -82,3 +82,19 @@ def test_max_size_balances_lopsided_clusters():
     assert pair_agreement(capped, blocks)["pair_recall"] == 1.0
     with_overlap = assign_subsets(aff, k=7, seed=1, max_size=1.5, overlap=1)
     assert all(sum(c in s for s in with_overlap) == 2 for c in range(48))
+
+
+def test_overlap_mass_covers_only_the_classes_that_leak():
+    """overlap_mass: class 2, which the generalist also confuses with 3-5, joins that subset too;
+    the others, which leak nothing beyond their own block, stay in one subset each."""
+    probs = planted_probs(loner=False)
+    called = probs.argmax(1)
+    probs[called == 2, 3:6] += 0.1  # where the generalist says 2, a third of it goes to 3-5
+    probs = probs / probs.sum(1, keepdim=True)
+    leak = leakage(probs)
+    assert torch.allclose(leak.sum(1), torch.ones(9, dtype=leak.dtype))
+    assert 0.2 < leak[2, 3:6].sum() < 0.3 and leak[0, 3:6].sum() < 0.02
+    aff = affinity(prediction_covariance(probs), "correlation")
+    subsets = assign_subsets(aff, k=3, seed=1, overlap=1, leak=leak, overlap_mass=0.05)
+    assert sorted(subsets) == [[0, 1, 2], [2, 3, 4, 5], [6, 7, 8]]
+    assert sorted(assign_subsets(aff, k=3, seed=1, overlap=1)) != sorted(subsets)  # all joined
