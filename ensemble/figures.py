@@ -6,7 +6,9 @@ returns one PNG; nothing here reads files or knows about Ray.
 """
 from __future__ import annotations
 
+import functools
 import io
+import warnings
 from collections.abc import Sequence
 
 ANNOTATE_UP_TO = 12  # classes: above this a matrix's cells are too small to print numbers in
@@ -18,9 +20,25 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+@functools.cache
+def _fonts() -> list[str]:
+    """Matplotlib's default face, then any installed CJK face: class names such as Han
+    characters are drawn from the first face that has them."""
+    from matplotlib import font_manager, rcParams
+
+    cjk = sorted({f.name for f in font_manager.fontManager.ttflist if "CJK" in f.name})
+    return [*rcParams["font.sans-serif"][:1], *cjk]
+
+
 def _png(fig) -> bytes:
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_fontfamily(_fonts())
     out = io.BytesIO()
-    fig.savefig(out, format="png")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Glyph .* missing from font")  # a box is drawn
+        fig.savefig(out, format="png")
     return out.getvalue()
 
 

@@ -102,6 +102,20 @@ def test_figures_drawn_are_let_go_and_a_failed_one_raises_at_close(tmp_path):
     assert len(tb_events(tmp_path / "tb" / "run").Images("figure")) == 20
 
 
+def test_class_names_outside_every_font_draw_without_warnings():
+    """Han class names (the font set) used to bring one matplotlib warning per character
+    DejaVu lacks, hundreds in a run's output; they are drawn from an installed CJK face when
+    there is one, else as boxes, silently. U+E000 (private use) is in no face."""
+    import warnings
+
+    from ensemble import figures
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = figures.subsets([[0, 1], [1, 2]], ["\ue000", "\u4e03", "a"])
+    assert png.startswith(b"\x89PNG")
+
+
 def tb_events(folder):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
