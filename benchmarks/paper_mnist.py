@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ensemble.analysis import check_pools, tables
+from ensemble.cli import main as ensemble
 from ensemble.config import load_config
 from ensemble.errors import EnsembleError
 from ensemble.rundir import RunDir
@@ -70,8 +71,10 @@ def main() -> None:
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     before = epochs_done(run_dir)
-    if subprocess.run([sys.executable, "-m", "ensemble.cli", *command[1:]]).returncode != 0:
-        sys.exit("the run did not finish; see its output above")
+    code = ensemble(command[1:])  # in this process: a SIGTERM or Ctrl-C stops the run itself
+    if code:
+        print("the run did not finish; see its output above", file=sys.stderr)
+        sys.exit(code)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
     how = (f"Run: `{' '.join(command[:-2] if args.data_dir else command)}` "
