@@ -304,7 +304,8 @@ class SpecialistsConfig:
     seed: int = 0  # k-means seed (with 10 restarts; the tightest clustering wins)
     overlap: int = 0  # each class also joins its r nearest other clusters (the paper's overlapped)
     overlap_mass: float = 0.0  # > 0: ... only those (up to r, most first) that take at least this
-    #   share of its probability on the inputs the generalist calls it: coverage varies by class
+    #   share of its probability (at `temperature`) on the inputs the generalist calls it:
+    #   coverage varies by class
     min_tie: float = -1.0  # a class less tied than this to every cluster stays with the generalist
     min_size: int = 2  # smaller subsets get no specialist
     max_size: float = 0.0  # a subset's core holds at most this x classes / k classes (before
@@ -332,6 +333,9 @@ class SpecialistsConfig:
         _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
         _require(self.overlap >= 0, "overlap", "must be >= 0", self.overlap)
         _require(0.0 <= self.overlap_mass < 1.0, "overlap_mass", "must be in [0, 1)",
+                 self.overlap_mass)
+        _require(self.overlap_mass == 0 or self.overlap >= 1, "overlap_mass", "needs "
+                 "specialists.overlap >= 1 (the most subsets a class may join besides its own)",
                  self.overlap_mass)
         _require(-1.0 <= self.min_tie <= 1.0, "min_tie", "must be in [-1, 1]", self.min_tie)
         _require(self.min_size >= 2, "min_size", "must be >= 2", self.min_size)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import functools
 import io
-import warnings
 from collections.abc import Sequence
 
 ANNOTATE_UP_TO = 12  # classes: above this a matrix's cells are too small to print numbers in
+BOX = "\u25a1"  # drawn for a character no face has (matplotlib would warn once per character)
 
 
 def _figure(width: float, height: float):
@@ -21,24 +21,35 @@ def _figure(width: float, height: float):
 
 
 @functools.cache
-def _fonts() -> list[str]:
-    """Matplotlib's default face, then any installed CJK face: class names such as Han
-    characters are drawn from the first face that has them."""
+def _fonts() -> tuple[list[str], frozenset[int]]:
+    """Matplotlib's default face, then any installed CJK face (class names such as Han
+    characters are drawn from the first face that has them); and the code points they draw."""
     from matplotlib import font_manager, rcParams
 
-    cjk = sorted({f.name for f in font_manager.fontManager.ttflist if "CJK" in f.name})
-    return [*rcParams["font.sans-serif"][:1], *cjk]
+    names = [rcParams["font.sans-serif"][0],
+             *sorted({f.name for f in font_manager.fontManager.ttflist if "CJK" in f.name})]
+    drawn = set()
+    for name in names:
+        drawn.update(font_manager.get_font(font_manager.findfont(name)).get_charmap())
+    return names, frozenset(drawn)
+
+
+def _drawable(labels: Sequence[str]) -> list[str]:
+    """Class names with what no face of `_fonts` draws as a box (matplotlib would warn once
+    for each such character: a run on 1000 Han classes printed hundreds of lines)."""
+    drawn = _fonts()[1]
+    return ["".join(c if c.isspace() or ord(c) in drawn else BOX for c in str(label))
+            for label in labels]
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG bytes, every text in the faces of `_fonts`."""
     from matplotlib.text import Text
 
     for text in fig.findobj(Text):
-        text.set_fontfamily(_fonts())
+        text.set_fontfamily(_fonts()[0])
     out = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Glyph .* missing from font")  # a box is drawn
-        fig.savefig(out, format="png")
+    fig.savefig(out, format="png")
     return out.getvalue()
 
 
@@ -51,8 +62,8 @@ def _matrix(ax, matrix, labels: Sequence[str], cmap: str, fmt, norm=None):
     norm = norm or Normalize(np.nanmin(values), np.nanmax(values))
     image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
     ticks = range(len(labels))
-    ax.set_xticks(ticks, labels, rotation=90 if len(labels) > 4 else 0)
-    ax.set_yticks(ticks, labels)
+    ax.set_xticks(ticks, _drawable(labels), rotation=90 if len(labels) > 4 else 0)
+    ax.set_yticks(ticks, _drawable(labels))
     if len(labels) <= ANNOTATE_UP_TO:
         for (i, j), v in np.ndenumerate(values):
             if fmt(v):  # light text on the dark end of the colour map
@@ -79,7 +90,7 @@ def subsets(members: Sequence[Sequence[int]], labels: Sequence[str]) -> bytes:
     ax = fig.add_subplot()
     grid = [[1.0 if c in set(m) else 0.0 for c in range(len(labels))] for m in members]
     ax.imshow(grid, cmap="Blues", vmin=0, vmax=1.4, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(len(labels)), labels, rotation=90 if len(labels) > 4 else 0)
+    ax.set_xticks(range(len(labels)), _drawable(labels), rotation=90 if len(labels) > 4 else 0)
     ax.set_yticks(range(len(members)), [f"specialist-{i}" for i in range(len(members))])
     ax.set_title("Class subsets found (no labels used)", fontsize=10)
     return _png(fig)

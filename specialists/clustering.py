@@ -20,7 +20,10 @@ With a fixed `overlap` every class is covered by 1 + overlap specialists. The pa
 varied (its Table 4: 0 to 10 and more), and the classes a generalist confuses most are those that
 need it: with `overlap_mass` a class joins another cluster only when, on the inputs the
 generalist calls that class, at least that share of the probability goes to the cluster's core
-(`leakage`, again no labels).
+(`leakage`, again no labels; from the probabilities at the coordinator's temperature, so the
+share depends on it). With `max_size`, a subset holds at most max_size x (1 + overlap) x
+classes / k classes after overlap as well: every class's first choice is placed before any
+class's second, and a class whose choice is full joins its next nearest.
 """
 from __future__ import annotations
 
@@ -106,12 +109,26 @@ def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int =
     members = [set(c) for c in core]
     home = nearest.tolist()
     if overlap_mass > 0:  # the mass each class leaks to each cluster's core
+        if leak is None:
+            raise ValueError("overlap_mass needs leak, the (C, C) matrix of leakage()")
         mass = leak.double() @ torch.nn.functional.one_hot(nearest, k).double()  # (C, k)
         order = mass.argsort(dim=1, descending=True, stable=True)
-    for c in range(classes):  # overlap: each class also joins its nearest other clusters
-        near = [j for j in order[c].tolist() if j != home[c]][:overlap]
-        for j in near if overlap_mass <= 0 else [j for j in near if mass[c, j] >= overlap_mass]:
+    joins = []  # (rank, class, cluster): each class's other clusters, nearest first
+    for c in range(classes):
+        near = [j for j in order[c].tolist() if j != home[c]]
+        if overlap_mass > 0:
+            near = [j for j in near[:overlap] if mass[c, j] >= overlap_mass]
+        joins += [(rank, c, j) for rank, j in enumerate(near)]
+    # with max_size the bound holds after overlap too: the clear classes, all nearest to one
+    # other cluster, would lump there again; a class whose choice is full takes its next
+    room = [math.ceil(max_size * (1 + overlap) * classes / k) - len(m) if max_size else classes
+            for m in members]
+    wanted = [overlap] * classes
+    for _, c, j in sorted(joins):  # everyone's first choice before anyone's second
+        if wanted[c] and room[j] > 0:
             members[j].add(c)
+            wanted[c] -= 1
+            room[j] -= 1
 
     def tie(c, j):  # mean affinity of class c with the core of cluster j (itself left out)
         others = [i for i in core[j] if i != c]

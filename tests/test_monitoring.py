@@ -103,13 +103,19 @@ def test_figures_drawn_are_let_go_and_a_failed_one_raises_at_close(tmp_path):
 
 
 def test_class_names_outside_every_font_draw_without_warnings():
-    """Han class names (the font set) used to bring one matplotlib warning per character
-    DejaVu lacks, hundreds in a run's output; they are drawn from an installed CJK face when
-    there is one, else as boxes, silently. U+E000 (private use) is in no face."""
+    """Han class names (the font set) brought one matplotlib warning per character DejaVu
+    lacks, hundreds in a run's output. They are drawn from an installed CJK face when there is
+    one; what no face has (U+E000, private use) becomes a box, without a warning."""
     import warnings
+
+    from matplotlib import font_manager
 
     from ensemble import figures
 
+    names, drawn = figures._fonts()
+    if any("CJK" in f.name for f in font_manager.fontManager.ttflist):
+        assert any("CJK" in n for n in names) and 0x4E03 in drawn
+    assert 0xE000 not in drawn and ord(figures.BOX) in drawn
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         png = figures.subsets([[0, 1], [1, 2]], ["\ue000", "\u4e03", "a"])
