@@ -1,6 +1,6 @@
 """Specialists on many classes (issue 22): the paper's Tables 3 and 4 in shape, from finished runs.
 
-    python benchmarks/many_classes.py --run runs/many-short [--equal-compute RUN]
+    python benchmarks/many_classes.py --run runs/many-short [--equal-compute RUN] [--diagnose]
                                       [--out results/many_classes_short.md]
     python benchmarks/many_classes.py --study runs/many [--out results/many_classes.md]
 
@@ -11,8 +11,13 @@ DIR, each from configs/many_classes/short.yaml's data and recipes, then writes i
 2. specialists from it for each k in KS (`k8` ...); k chosen by eq. 5's validation errors;
 3. the equal-compute alternative: as many more generalists of that size as the chosen k's
    specialists took time, averaged (`equal`);
-4. students of the generalist's size, SEEDS seeds each: hard labels, from the generalist, from
-   generalist + specialists at the chosen k (`students`).
+4. one student of the generalist's size per teacher (the generalist; generalist + specialists
+   at the chosen k, eq. 5) and temperature in TEMPERATURES; each teacher's T chosen on
+   validation (`temperature`);
+5. students of the generalist's size and of half its widths, SEEDS seeds each: hard labels,
+   from the generalist, from generalist + specialists, at the chosen T (`students`).
+(The `temperature` and `students` runs train the chosen k's specialists again, identically:
+specialists cannot yet be taken over from another run.)
 
 --run: a run with specialists and, optionally, the students `generalists` (taught by the
 generalists) and `ensemble` (by generalists + specialists, eq. 5), e.g. of
@@ -71,12 +76,24 @@ def class_names(cfg) -> list[str]:
         return [str(c) for c in found["classes"]]
 
 
+def spec_keys(spec, skip=()) -> str:
+    """The specialists' clustering keys a reader needs, as `key = value`."""
+    keys = ("k", "max_size", "overlap", "overlap_mass", "temperature", "top_n")
+    return ", ".join(f"{key} = {getattr(spec, key)}" for key in keys if key not in skip)
+
+
 def subsets_section(run: Path, classes: list[str]) -> list[str]:
     report = json.loads((run / "subsets.json").read_text())
     sizes = [len(s) for s in report["subsets"]]
+    cover = [0] * len(classes)
+    for members in report["subsets"]:
+        for c in members:
+            cover[c] += 1
+    spread = ", ".join(f"{n}: {cover.count(n)}" for n in sorted(set(cover)))
     lines = [f"Subsets from the covariance of the generalist's predictions (no labels): "
              f"{len(sizes)}, sizes {min(sizes)} to {max(sizes)} (median "
-             f"{statistics.median(sizes):g}); the first few, with some of their classes:", ""]
+             f"{statistics.median(sizes):g}); classes by the number of subsets holding them: "
+             f"{spread}; the first few, with some of their classes:", ""]
     for i, members in enumerate(report["subsets"][:4]):
         lines.append(f"- specialist-{i}: {' '.join(classes[c] for c in members[:24])}"
                      + (" ..." if len(members) > 24 else ""))
@@ -139,9 +156,10 @@ def equal_compute(run: Path, ens: dict, other: Path | None) -> str:
     return f"{(theirs - ens['test']['ensemble_errors']) / theirs:.3f}"
 
 
-SIZES = {"small": [32, 64, 128], "large": [64, 96, 192]}  # SmallCNN widths
+SIZES = {"small": [32, 64, 128], "large": [48, 96, 192]}  # SmallCNN widths: about 2.2x
 KS = (8, 16, 32, 64)
-SEEDS = 3
+TEMPERATURES = (1.0, 2.0, 4.0)  # per teacher: eq. 5's q is already softer than the generalist's
+SEEDS = 3  # p (each specialist's dustbin spreads its share), so one T need not suit both
 
 
 def stage(folder: Path, name: str, raw: dict) -> Path:
@@ -165,7 +183,8 @@ def stage(folder: Path, name: str, raw: dict) -> Path:
     return run
 
 
-def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS) -> dict[str, Path]:
+def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
+              temperatures=TEMPERATURES) -> dict[str, Path]:
     """Run every stage of the study in turn (see the module's docstring) from `base` (a config
     mapping with data, generalists, specialists and a student 'generalists')."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,14 +207,23 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS) -> dict
     chosen = yaml.safe_load((runs[f"gen-{best}"] / "config.yaml").read_text())["generalists"]
     runs["equal"] = stage(folder, "equal", {"name": "many-equal", "data": base["data"],
                                             "generalists": {**chosen, "count": 1 + extra}})
-    student = {**base["students"]["generalists"],
-               "model": {**base["students"]["generalists"]["model"],
-                         "hidden": sizes[best]}}
+    recipe = base["students"]["generalists"]
+    teachers = {"generalists": {}, "ensemble": {"soft_targets": "ensemble"}}
+    trial = {f"{kind}-T{t:g}": {**recipe, **extra, "temperature": t}
+             for kind, extra in teachers.items() for t in temperatures}
+    runs["temperature"] = stage(folder, "temperature", {
+        "name": "many-temperature", "data": base["data"], "generalists": source,
+        "specialists": {**base["specialists"], "k": k}, "students": trial})
+    chosen_t = {kind: min(temperatures, key=lambda t: summary(
+        runs["temperature"], f"student-{kind}-T{t:g}")["val_errors"]) for kind in teachers}
     students = {}
-    for i in range(seeds):
-        students[f"hard-s{i}"] = {**student, "alpha": 0.0}
-        students[f"generalists-s{i}"] = student
-        students[f"ensemble-s{i}"] = {**student, "soft_targets": "ensemble"}
+    for i in range(seeds):  # the generalist's size, and half its widths
+        for tag, widths in (("", sizes[best]), ("-half", [max(1, w // 2) for w in sizes[best]])):
+            student = {**recipe, "model": {**recipe["model"], "hidden": widths}}
+            students[f"hard{tag}-s{i}"] = {**student, "alpha": 0.0}
+            for kind, extra in teachers.items():
+                students[f"{kind}{tag}-s{i}"] = {**student, **extra,
+                                                 "temperature": chosen_t[kind]}
     runs["students"] = stage(folder, "students", {
         "name": "many-students", "data": base["data"], "generalists": source,
         "specialists": {**base["specialists"], "k": k}, "students": students})
@@ -261,9 +289,10 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     lines += MODELS
     for n in sizes:
         lines += model_rows(runs[n], ["generalist-0"], label=n)
-    lines += ["", f"Chosen on validation: {best}.", "", "Specialists per k (eq. 5, top "
-              f"{ens.get('top_n', 1)}):", "", "| k | subsets | val errors: generalist, with "
-              "specialists | test errors: generalist, with specialists | relative test "
+    spec = load_config(runs[k] / "config.yaml").specialists
+    lines += ["", f"Chosen on validation: {best}.", "", "Specialists per k (eq. 5; "
+              f"{spec_keys(spec, skip=('k',))}):", "", "| k | subsets | val errors: generalist, "
+              "with specialists | test errors: generalist, with specialists | relative test "
               "accuracy gain |", "|---:|---:|---:|---:|---:|"]
     for n, e in ks.items():
         acc_g, acc_e = (1 - e["test"][w] / test_n for w in ("generalist_errors",
@@ -284,14 +313,19 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
               f"{count} generalists averaged: {equal['val']:,} validation and {equal['test']:,} "
               f"test errors, against {ens['test']['ensemble_errors']:,} test errors with the "
               "specialists.", ""]
+    trial = sorted(p.name for p in (runs["temperature"] / "checkpoints").iterdir()
+                   if p.name.startswith("student-"))
+    lines += ["Students' temperature, one seed each (chosen on validation per teacher):", "",
+              *MODELS, *model_rows(runs["temperature"], trial), ""]
     kinds = {}
-    for name in (p.name for p in (runs["students"] / "checkpoints").iterdir()):
+    for name in sorted(p.name for p in (runs["students"] / "checkpoints").iterdir()):
         if name.startswith("student-"):
             kind = name[len("student-"):].rsplit("-s", 1)[0]
             kinds.setdefault(kind, []).append(summary(runs["students"], name)["test_errors"])
-    lines += ["Students of the generalist's size (test errors over seeds, mean +- sd):", "",
-              "| taught by | seeds | test errors |", "|---|---:|---:|"]
-    lines += [f"| {kind} | {len(v)} | {statistics.mean(v):,.1f} +- "
+    lines += ["Students (test errors over seeds, mean +- sd; half: half the generalist's widths):",
+              "", "| taught by | size | seeds | test errors |", "|---|---|---:|---:|"]
+    lines += [f"| {kind.split('-')[0]} | {'half' if kind.endswith('-half') else 'generalist'} | "
+              f"{len(v)} | {statistics.mean(v):,.1f} +- "
               f"{statistics.stdev(v) if len(v) > 1 else 0:.1f} |" for kind, v in kinds.items()]
     student = (statistics.mean(kinds["generalists"]) - statistics.mean(kinds["ensemble"])) / \
         statistics.mean(kinds["generalists"])
@@ -302,6 +336,60 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
               "specialists_vs_equal_compute_ensemble_error_reduction: "
               f"{(equal['test'] - ens['test']['ensemble_errors']) / equal['test']:.3f}", ""]
     return "\n".join(lines)
+
+
+def diagnosis(run: Path, data_dir: str, probe: int = 2000) -> list[str]:
+    """Why specialists help or not, from the run's checkpoints: on each subset's validation
+    images, the generalist's errors (over all classes, and among the subset's classes only)
+    against the specialist's among them; and how soft the students' teachers are on `probe`
+    training images (mean entropy in nats and top probability, at T = 1 and 4)."""
+    import torch
+
+    from ensemble.data import load_splits, to_pixels
+    from ensemble.teacher import load_teacher
+
+    cfg = load_config(run / "config.yaml")
+    cpu = torch.device("cpu")
+    splits = load_splits(cfg.data, data_dir or None)
+    gens = [checkpoint.load_latest(run / "checkpoints" / "generalist-0")[0]]
+    subsets = _json(run, "subsets.json")["subsets"]
+    specs = [checkpoint.load_latest(run / "checkpoints" / f"specialist-{i}")[0]
+             for i in range(len(subsets))]
+    teacher = load_teacher(gens, cpu)
+    x, y = to_pixels(splits.val_x, cpu), torch.as_tensor(splits.val_y)
+    with torch.no_grad():
+        pg = teacher.probs(x, 1.0)
+    lines = ["Within each subset, on validation images of its classes: errors of the generalist "
+             "over all classes, of the generalist among the subset's classes only, and of the "
+             "specialist among them (its dustbin left out):", "",
+             "| specialist | classes | images | generalist | generalist, subset only | "
+             "specialist, subset only |", "|---|---:|---:|---:|---:|---:|"]
+    totals = [0, 0, 0]
+    for i, (members, blob) in enumerate(zip(subsets, specs)):
+        m = torch.tensor(members)
+        inside = torch.isin(y, m)
+        model = load_teacher([blob], cpu)  # its own probabilities, dustbin last
+        with torch.no_grad():
+            ps = model.probs(x[inside], 1.0)
+        row = [int((pg[inside].argmax(1) != y[inside]).sum()),
+               int((m[pg[inside][:, m].argmax(1)] != y[inside]).sum()),
+               int((m[ps[:, :-1].argmax(1)] != y[inside]).sum())]
+        totals = [a + b for a, b in zip(totals, row)]
+        lines.append(f"| specialist-{i} | {len(members)} | {int(inside.sum()):,} | "
+                     + " | ".join(f"{v:,}" for v in row) + " |")
+    lines += [f"| all | | | {' | '.join(f'{v:,}' for v in totals)} |", ""]
+    ens = load_teacher(gens, cpu, specialists=specs, specialists_cfg=cfg.specialists)
+    xt = to_pixels(splits.train_x[:probe], cpu)
+    lines += [f"How soft the teachers are on {probe:,} training images:", "",
+              "| teacher | T | mean entropy (nats) | mean top probability |",
+              "|---|---:|---:|---:|"]
+    for name, source in (("generalist", teacher), ("generalist + specialists (eq. 5)", ens)):
+        for t in (1.0, 4.0):
+            with torch.no_grad():
+                q = source.probs(xt, t).clamp_min(1e-30)
+            lines.append(f"| {name} | {t:g} | {float(-(q * q.log()).sum(1).mean()):.2f} | "
+                         f"{float(q.max(1).values.mean()):.3f} |")
+    return lines + [""]
 
 
 def _natural(name: str) -> tuple[str, int]:
@@ -318,6 +406,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default="")
     parser.add_argument("--base", default=str(ROOT / "configs" / "many_classes" / "short.yaml"))
     parser.add_argument("--out", default="")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="--run: add why specialists helped or not (loads the data)")
     args = parser.parse_args()
     if args.study:
         study(Path(args.study), args)
@@ -337,15 +427,16 @@ def main() -> None:
     student = "n/a (no students generalists and ensemble)" if None in students else \
         f"{1 - students[1]['test_errors'] / students[0]['test_errors']:.3f}"
     text = ["# Specialists on many classes", "",
-            f"Run `{run}` of `{cfg.name}` (k = {cfg.specialists.k}, overlap "
-            f"{cfg.specialists.overlap}, top {cfg.specialists.top_n}; fixed in advance, not "
-            "chosen on validation). `python benchmarks/many_classes.py --run " + str(run) + "`.",
+            f"Run `{run}` of `{cfg.name}` ({spec_keys(cfg.specialists)}; fixed in advance, not "
+            "chosen on validation). `python benchmarks/many_classes.py --run " + str(run)
+            + (" --diagnose" if args.diagnose else "") + "`.",
             "", *data_section(cfg, run, test_n), *MODELS, *model_rows(run, names), "",
             f"The run took {_json(run, 'metrics.json')['timings']['total']:,.0f} s end to end "
             "(its summary.md says where). "
             f"Training time: the generalist {walls.get('generalist-0', 0):,.0f} s; the "
             f"{cfg.specialists.k} specialists {spec_s:,.0f} s together (one actor each, "
             "in parallel as CPUs allow).", "", *subsets_section(run, classes), *t3, *t4,
+            *(diagnosis(run, args.data_dir) if args.diagnose else []),
             f"specialists_test_error_reduction: {reduction:.3f}",
             f"specialists_relative_accuracy_gain: {gain:.3f}",
             f"table4_nondecreasing_share: {share}",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import synthetic_digits
 
@@ -37,8 +38,9 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
                                          "train": {"epochs": 1, "batch_size": 50, "lr": 0.3}}}}
     folder = tmp_path / "study"
     runs = study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3),
-                           seeds=2)
-    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "students"]
+                           seeds=2, temperatures=(1.0, 3.0))
+    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "students",
+                            "temperature"]
     val = {n: study.summary(runs[n], "generalist-0")["val_errors"] for n in ("gen-small",
                                                                            "gen-large")}
     chosen = min(val, key=val.get)
@@ -52,10 +54,18 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
                            "table4_nondecreasing_share",
                            "student_ensemble_vs_generalists_error_reduction",
                            "specialists_vs_equal_compute_ensemble_error_reduction"}
+    chosen = yaml.safe_load((folder / "students.yaml").read_text())["students"]
+    for kind in ("generalists", "ensemble"):  # each teacher's T: the trial's best on validation
+        val = {t: study.summary(runs["temperature"], f"student-{kind}-T{t:g}")["val_errors"]
+               for t in (1.0, 3.0)}
+        assert chosen[f"{kind}-s1"]["temperature"] == min(val, key=val.get)
     students = sorted(p.name for p in (runs["students"] / "checkpoints").iterdir()
                       if p.name.startswith("student-"))
-    assert students == [f"student-{kind}-s{i}" for kind in ("ensemble", "generalists", "hard")
-                        for i in range(2)]
+    assert students == sorted(f"student-{kind}{tag}-s{i}" for kind in ("ensemble", "generalists",
+                                                                     "hard")
+                              for tag in ("", "-half") for i in range(2))
+    assert "| ensemble | half | 2 |" in report and "| hard | generalist | 2 |" in report
     before = {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")}
-    study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2)
+    study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
+                    temperatures=(1.0, 3.0))
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
