@@ -10,8 +10,10 @@ local Ray, or the cluster at --address). Throughput is the training examples per
 model's epochs (the median over epochs after the first; startup is left out), as its checkpoint
 records them; on CPU the settings take turns for --rounds rounds and each reports its median.
 On CPU: 2 workers x 1 thread (gloo all-reduce) against 1 worker x 1 thread
-(`data_parallel_2x1_vs_1x1`, target >= 1.5) and against 1 worker x 2 threads
-(`data_parallel_2x1_vs_1x2`, reported). With --gpus: N workers x 1 GPU (NCCL) against one GPU,
+(`data_parallel_2x1_vs_1x1`, target >= 1.5), against 1 worker x 2 threads
+(`data_parallel_2x1_vs_1x2`, reported) and against two separate 1 x 1 models trained side by
+side, their rates summed (`data_parallel_2x1_vs_two_apart`: the same work without the
+all-reduce, so the share of this machine's two-process ceiling the workers reach). With --gpus: N workers x 1 GPU (NCCL) against one GPU,
 scaling efficiency = ratio / N (target >= 0.85 up to 8).
 `name: value` lines end the results file.
 """
@@ -32,6 +34,7 @@ CONFIG = """
 name: data-parallel-{tag}
 data: {{val_size: 10000, train_size: {train_size}, download: false}}
 generalists:
+  count: {count}
   model: {{hidden: [1200, 1200], dropout_in: 0.2, dropout_hidden: 0.5, max_norm: 3.9}}
   train: {{epochs: {epochs}, batch_size: 512, lr: 0.1, augment: [translate:2]}}
   resources: {{workers: {workers}, num_cpus: {cpus}, num_gpus: {gpus}}}
@@ -39,34 +42,41 @@ generalists:
 
 
 def throughput(tag: str, workers: int, cpus: float, gpus: float, epochs: int, args,
-               work: Path) -> float:
-    """Training examples per second of one generalist trained as asked (one `ensemble run`)."""
+               work: Path, count: int = 1) -> float:
+    """Training examples per second of `count` generalists trained as asked side by side (one
+    `ensemble run`), summed."""
     config = work / f"{tag}.yaml"
     config.write_text(CONFIG.format(tag=tag, epochs=epochs, workers=workers, cpus=cpus, gpus=gpus,
-                                     train_size=args.train_size))
+                                     train_size=args.train_size, count=count))
     run = work / tag
     argv = [sys.executable, "-m", "ensemble.cli", "run", str(config), "--run-dir", str(run),
             "--data-dir", args.data_dir] + (["--address", args.address] if args.address else [])
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-    _, meta = checkpoint.load_latest(run / "checkpoints" / "generalist-0")
-    rates = [r["samples_per_s"] for r in meta["history"][1:]]
-    print(f"{tag}: {statistics.median(rates):,.0f} examples/s", flush=True)
-    return statistics.median(rates)
+    total = 0.0
+    for i in range(count):
+        _, meta = checkpoint.load_latest(run / "checkpoints" / f"generalist-{i}")
+        total += statistics.median(r["samples_per_s"] for r in meta["history"][1:])
+    print(f"{tag}: {total:,.0f} examples/s", flush=True)
+    return total
 
 
 def cpu_table(args, work: Path) -> tuple[list[str], list[str]]:
-    settings = {"1x1": (1, 1), "1x2": (1, 2), "2x1": (2, 1)}  # workers, CPUs (threads) each
+    settings = {"1x1": (1, 1, 1), "1x2": (1, 2, 1), "2x1": (2, 1, 1),  # workers, CPUs each,
+                "apart": (1, 1, 2)}  # models: two models of 1 x 1 side by side, no all-reduce
     rates = {tag: [] for tag in settings}
     for round_ in range(args.rounds):  # settings take turns: a slow moment hits each alike
-        for tag, (workers, cpus) in settings.items():
+        for tag, (workers, cpus, count) in settings.items():
             rates[tag].append(throughput(f"{tag}-{round_}", workers, cpus, 0, args.epochs, args,
-                                         work))
-    one, two_threads, two_workers = (statistics.median(rates[t]) for t in settings)
+                                         work, count))
+    one, two_threads, two_workers, apart = (statistics.median(rates[t]) for t in settings)
     rows = [f"| 1 worker x 1 thread | {one:,.0f} | 1.00 |",
             f"| 1 worker x 2 threads | {two_threads:,.0f} | {two_threads / one:.2f} |",
-            f"| 2 workers x 1 thread (gloo) | {two_workers:,.0f} | {two_workers / one:.2f} |"]
+            f"| 2 workers x 1 thread (gloo) | {two_workers:,.0f} | {two_workers / one:.2f} |",
+            f"| 2 separate models x 1 thread, side by side (summed; no all-reduce: the most two "
+            f"workers could reach) | {apart:,.0f} | {apart / one:.2f} |"]
     lines = [f"data_parallel_2x1_vs_1x1: {two_workers / one:.2f}",
-             f"data_parallel_2x1_vs_1x2: {two_workers / two_threads:.2f}"]
+             f"data_parallel_2x1_vs_1x2: {two_workers / two_threads:.2f}",
+             f"data_parallel_2x1_vs_two_apart: {two_workers / apart:.2f}"]
     return rows, lines
 
 
