@@ -16,8 +16,8 @@ DIR, each from configs/many_classes/short.yaml's data and recipes, then writes i
    validation (`temperature`);
 5. students of the generalist's size and of half its widths, SEEDS seeds each: hard labels,
    from the generalist, from generalist + specialists, at the chosen T (`students`).
-(The `temperature` and `students` runs train the chosen k's specialists again, identically:
-specialists cannot yet be taken over from another run.)
+The `temperature` and `students` runs take the chosen k's subsets and specialists over
+(specialists.from_run), as every run after the first takes the generalist (generalists.from_run).
 
 --run: a run with specialists and, optionally, the students `generalists` (taught by the
 generalists) and `ensemble` (by generalists + specialists, eq. 5), e.g. of
@@ -211,9 +211,10 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
     teachers = {"generalists": {}, "ensemble": {"soft_targets": "ensemble"}}
     trial = {f"{kind}-T{t:g}": {**recipe, **extra, "temperature": t}
              for kind, extra in teachers.items() for t in temperatures}
+    chosen_k = {"from_run": str(runs[f"k{k}"])}  # its subsets and specialists, not retrained
     runs["temperature"] = stage(folder, "temperature", {
         "name": "many-temperature", "data": base["data"], "generalists": source,
-        "specialists": {**base["specialists"], "k": k}, "students": trial})
+        "specialists": chosen_k, "students": trial})
     chosen_t = {kind: min(temperatures, key=lambda t: summary(
         runs["temperature"], f"student-{kind}-T{t:g}")["val_errors"]) for kind in teachers}
     students = {}
@@ -226,7 +227,7 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
                                                  "temperature": chosen_t[kind]}
     runs["students"] = stage(folder, "students", {
         "name": "many-students", "data": base["data"], "generalists": source,
-        "specialists": {**base["specialists"], "k": k}, "students": students})
+        "specialists": chosen_k, "students": students})
     return runs
 
 

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ensemble.config import GeneralistsConfig, RunConfig, apply_overrides, parse, \
-    load_config, resume_conflicts, to_dict
+from ensemble.config import GeneralistsConfig, RunConfig, SpecialistsConfig, apply_overrides, \
+    load_config, parse, resume_conflicts, to_dict
 from ensemble.errors import ConfigError, EnsembleError, terminated
 
 if TYPE_CHECKING:
@@ -96,6 +96,9 @@ def _resolve_run(args) -> tuple[RunConfig, RunDir, bool, dict[str, bytes]]:
     adopted = {}
     if cfg.generalists.from_run:
         cfg, adopted = _adopt_generalists(cfg)
+    if cfg.specialists.from_run:
+        cfg, theirs = _adopt_specialists(cfg)
+        adopted.update(theirs)
     path = args.run_dir or str(Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     run = RunDir(path)
     if run.exists():
@@ -129,22 +132,61 @@ def _adopt_generalists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes]]:
         if own not in (GeneralistsConfig(), theirs):
             raise ConfigError(f"generalists.from_run takes the generalists of {source} as they "
                               "were trained; leave out the rest of the generalists section")
-        blobs = {}
-        for i in range(theirs.count):
-            name, epochs = f"generalist-{i}", theirs.train.epochs
-            latest = src.latest(name)
-            done = latest[1].get("epoch", 0) if latest else 0
-            stopped = bool(latest and latest[1]["history"] and  # early (train.patience)
-                           latest[1]["history"][-1].get("stopped"))
-            if done < epochs and not stopped:
-                raise ConfigError(f"generalists.from_run: {name} of {source} has trained {done} "
-                                  f"of its {epochs} epochs; finish it first with "
-                                  f"'ensemble run --resume {source}'")
-            blobs[name] = latest[0]
+        blobs = {f"generalist-{i}": _finished(src, f"generalist-{i}", theirs.train.epochs,
+                                              "generalists.from_run")
+                 for i in range(theirs.count)}
     finally:
         src.close()
     return dataclasses.replace(cfg, generalists=dataclasses.replace(
         theirs, from_run=source)), blobs
+
+
+def _finished(src: RunDir, name: str, epochs: int, key: str) -> bytes:
+    """The last checkpoint of `name` in `src`, refused unless it trained every epoch or stopped
+    early (train.patience)."""
+    latest = src.latest(name)
+    done = latest[1].get("epoch", 0) if latest else 0
+    stopped = bool(latest and latest[1]["history"] and latest[1]["history"][-1].get("stopped"))
+    if done < epochs and not stopped:
+        raise ConfigError(f"{key}: {name} of {src.location} has trained {done} of its {epochs} "
+                          f"epochs; finish it first with 'ensemble run --resume {src.location}'")
+    return latest[0]
+
+
+def _adopt_specialists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes | dict]]:
+    """specialists.from_run: the config with that run's specialists recipe, and its subsets
+    (subsets.json) and the last checkpoint of each specialist; refused unless that run took its
+    generalists from where this one takes them and every specialist finished."""
+    from ensemble.rundir import RunDir
+
+    source = cfg.specialists.from_run
+    src = RunDir(source)
+    try:
+        if not src.exists():
+            raise ConfigError(f"specialists.from_run: there is no run at {source}")
+        saved = src.load_config()
+        if saved.generalists.from_run != cfg.generalists.from_run:
+            raise ConfigError(f"specialists.from_run: {source} took its generalists from "
+                              f"{saved.generalists.from_run or 'none (it trained its own)'}, this "
+                              f"run from {cfg.generalists.from_run}: its specialists start from "
+                              "and combine with theirs")
+        own = dataclasses.replace(cfg.specialists, from_run="")
+        theirs = dataclasses.replace(saved.specialists, from_run="")
+        if own not in (SpecialistsConfig(), theirs):
+            raise ConfigError(f"specialists.from_run takes the specialists of {source} as they "
+                              "were trained; leave out the rest of the specialists section")
+        report = src.read_json("subsets.json")
+        if not theirs.k or report is None:
+            raise ConfigError(f"specialists.from_run: {source} has no specialists "
+                              "(specialists.k 0, or its coordinator has not run)")
+        adopted: dict[str, bytes | dict] = {"subsets.json": report}
+        for i in range(len(report["subsets"])):
+            adopted[f"specialist-{i}"] = _finished(src, f"specialist-{i}", theirs.train.epochs,
+                                                   "specialists.from_run")
+    finally:
+        src.close()
+    return dataclasses.replace(cfg, specialists=dataclasses.replace(
+        theirs, from_run=source)), adopted
 
 
 def _resumed_config(args, run: RunDir) -> RunConfig:
@@ -157,6 +199,8 @@ def _resumed_config(args, run: RunDir) -> RunConfig:
         cfg = parse(RunConfig, apply_overrides(to_dict(saved), args.set))
     if cfg.generalists.from_run and cfg.generalists.from_run == saved.generalists.from_run:
         cfg = dataclasses.replace(cfg, generalists=saved.generalists)  # as taken over
+    if cfg.specialists.from_run and cfg.specialists.from_run == saved.specialists.from_run:
+        cfg = dataclasses.replace(cfg, specialists=saved.specialists)
     changed = resume_conflicts(saved, cfg)
     if changed:
         raise ConfigError(f"cannot resume {run.location} with a changed config "

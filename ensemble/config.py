@@ -296,6 +296,9 @@ class GeneralistsConfig:
 @dataclass(frozen=True)
 class SpecialistsConfig:
     k: int = 0  # clusters of confusable classes, one specialist each; 0 = no specialists
+    from_run: str = ""  # a finished run whose subsets and specialists (and their recipe) are
+    #   taken over; it must have taken its generalists from where this run takes them
+    #   (generalists.from_run). The rest of this section is left out: theirs holds
     covariance_on: Literal["val", "transfer"] = "val"  # held-out inputs to cluster on; no labels
     temperature: float = 1.0  # > 1 shows the confusions a confident generalist hides
     compare: Literal["correlation", "offdiag"] = "offdiag"  # columns without the diagonal; offdiag
@@ -423,16 +426,22 @@ class RunConfig:
                                   f"believes free); give it a share of a GPU or use device 'auto'")
         if not self.data.source:  # a named set: its classes are known before it is read
             self.check_classes(NUM_CLASSES[self.data.name])
-        _require(not self.data.stream or self.specialists.k == 0, "data.stream",
+        _require(not self.specialists.from_run or self.generalists.from_run,
+                 "specialists.from_run", "needs generalists.from_run too: specialists start from "
+                 "and are combined with the generalists of the run they came from",
+                 self.specialists.from_run)
+        _require(not self.data.stream or (self.specialists.k == 0 and
+                                          not self.specialists.from_run), "data.stream",
                  "gives specialists no in-memory training set to draw their subsets from: set "
                  "specialists.k to 0", self.data.stream)
         _require(not (self.data.stream and self.stack_students), "stack_students",
                  "cannot stack streamed students", self.stack_students)
         _check_workers(self)
         for name, student in self.students.items():
-            _require(student.soft_targets == "generalists" or self.specialists.k > 0,
-                     f"students.{name}.soft_targets", "can be 'ensemble' only with specialists "
-                     "(specialists.k > 0)", student.soft_targets)
+            _require(student.soft_targets == "generalists" or self.specialists.k > 0 or
+                     self.specialists.from_run, f"students.{name}.soft_targets", "can be "
+                     "'ensemble' only with specialists (specialists.k > 0 or "
+                     "specialists.from_run)", student.soft_targets)
             _require(re.fullmatch(r"[A-Za-z0-9_-]+", name) is not None, f"students.{name}",
                      "must be named with letters, digits, '_' and '-' only", name)
             _check_paper_row(name, student)

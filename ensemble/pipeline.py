@@ -262,11 +262,12 @@ def model_requests(cfg: RunConfig) -> dict:
 
 
 def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | None,
-                 resume: bool, tracker: Tracker, adopted: dict[str, bytes] | None = None
+                 resume: bool, tracker: Tracker, adopted: dict[str, bytes | dict] | None = None
                  ) -> dict[str, dict]:
     """Train every model of `cfg` into `run`; raise TrainingError if any failed (after writing
     the results of all the others). `adopted`: checkpoints of finished models taken over from
-    another run (generalists.from_run), saved into this one before anything trains."""
+    other runs (generalists.from_run, specialists.from_run; and the subsets, a dict), saved into
+    this one before anything trains."""
     recorder = Recorder(cfg, run, splits, tracker)
     namespace = "ensemble-" + re.sub(r"[^A-Za-z0-9_-]", "-", run.name)
     started = time.perf_counter()
@@ -283,10 +284,14 @@ def run_pipeline(cfg: RunConfig, run: RunDir, splits: Splits, address: str | Non
             tracker.text("run", "config", "    " + run.config_path.read_text().replace(
                 "\n", "\n    "))  # indented: TensorBoard shows it as code
             for name, blob in (adopted or {}).items():
+                if isinstance(blob, dict):  # a report: the subsets the specialists cover
+                    run.write_json(name, blob)
+                    continue
                 checkpoint.save_epoch(run.checkpoints(name), checkpoint.read_meta(blob)["epoch"],
                                       blob)
-                source = checkpoint.read_meta(blob)["history"][-1].get("weights") or \
-                    cfg.generalists.from_run
+                source = checkpoint.read_meta(blob)["history"][-1].get("weights") or (
+                    cfg.specialists.from_run if name.startswith("specialist-") else
+                    cfg.generalists.from_run)
                 tracker.line(f"{name:<16} taken over from {source}")
         with recorder.timed("data placement"):
             data_ref = ray.put(splits)

@@ -89,6 +89,9 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
                                       "specialists.overlap_mass=0.1"], 2,
                                      "specialists.overlap_mass needs specialists.overlap >= 1",
                                      None),
+    "specialists taken over without their generalists": (
+        ["run", "{config}", "--set", "specialists.from_run={tmp}/nowhere"], 2,
+        "specialists.from_run needs generalists.from_run too", None),
     "no config": (["run"], 2, "needs a CONFIG", None),
     "unknown flag": (["run", "{config}", "--bogus"], 2, "unrecognized arguments", None),
     "misspelt key": (["run", "{config}", "--set", "generalists.train.epocs=2"], 2,

@@ -49,6 +49,12 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     ks = {k: study._json(runs[k], "ensemble.json")["val"]["ensemble_errors"]
           for k in ("k2", "k3")}
     assert f"Chosen on validation: k = {min(ks, key=ks.get)[1:]}." in report
+    k = runs[min(ks, key=ks.get)]
+    for later in ("temperature", "students"):  # the chosen k's specialists, taken over
+        assert f"from_run: {k}" in (folder / f"{later}.yaml").read_text()
+        theirs = sorted((k / "checkpoints" / "specialist-0").iterdir())[-1].read_bytes()
+        mine = list((runs[later] / "checkpoints" / "specialist-0").iterdir())
+        assert [p.read_bytes() for p in mine] == [theirs]
     values = dict(line.split(": ", 1) for line in report.splitlines()[-5:])
     assert set(values) == {"specialists_test_error_reduction", "specialists_relative_accuracy_gain",
                            "table4_nondecreasing_share",

@@ -133,6 +133,46 @@ def test_students_from_another_runs_generalists(finished_run, data_root, tmp_pat
     assert "generalist-0     finished earlier" in out and "student-hard     epoch   3/3" in out
 
 
+def test_specialists_from_another_run(finished_run, data_root, tmp_path, capsys):
+    """specialists.from_run: a run taking its generalists and its specialists from earlier runs
+    trains its students only; the subsets and specialists are the source's, byte for byte, eq. 5
+    gives the same errors again, and resuming keeps them. Specialists from generalists other
+    than this run's are refused."""
+    _, gens = finished_run
+    head = CONFIG.split("generalists:")[0] + f"generalists: {{from_run: {gens}}}\n"
+    source_cfg = tmp_path / "source.yaml"
+    source_cfg.write_text(head + "specialists:\n  k: 3\n"
+                          "  train: {epochs: 1, batch_size: 50, lr: 0.1, augment: []}\n")
+    source = tmp_path / "source"
+    flags = ["--data-dir", str(data_root)]
+    assert main(["run", str(source_cfg), *flags, "--run-dir", str(source)]) == 0
+    config = tmp_path / "taker.yaml"
+    config.write_text(head + f"specialists: {{from_run: {source}}}\nstudents:\n  all:\n"
+                      "    model: {hidden: [16]}\n    train: {epochs: 1, batch_size: 50, lr: 0.3}\n"
+                      "    soft_targets: ensemble\n")
+    run = tmp_path / "taker"
+    capsys.readouterr()
+    assert main(["run", str(config), *flags, "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "specialist-0     taken over from" in out and "specialist-0     epoch" not in out
+    subsets = json.loads((source / "subsets.json").read_text())
+    assert json.loads((run / "subsets.json").read_text()) == subsets
+    for i in range(len(subsets["subsets"])):
+        theirs = sorted((source / "checkpoints" / f"specialist-{i}").iterdir())[-1]
+        mine = sorted((run / "checkpoints" / f"specialist-{i}").iterdir())
+        assert [p.read_bytes() for p in mine] == [theirs.read_bytes()]
+    ours, before = (json.loads((r / "ensemble.json").read_text()) for r in (run, source))
+    assert ours["test"] == before["test"] and ours["val"] == before["val"]
+    metrics = json.loads((run / "metrics.json").read_text())["models"]
+    assert metrics["student-all"]["status"] == "finished"
+    assert main(["run", "--resume", str(run), *flags]) == 0
+    assert "specialist-0     finished earlier" in capsys.readouterr().out
+    assert main(["run", str(config), *flags, "--run-dir", str(tmp_path / "other"), "--set",
+                 f"generalists.from_run={source}"]) == 2
+    assert "took its generalists from" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_unsatisfiable_request_fails_at_once(ray_session, data_root, tmp_path, capsys):
     config = tmp_path / "gpu.yaml"
     config.write_text(CONFIG + "\n")
