@@ -30,6 +30,7 @@ runs' own files (checkpoints' summaries, subsets.json, ensemble.json); nothing i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -342,8 +343,9 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
 def diagnosis(run: Path, data_dir: str, probe: int = 2000) -> list[str]:
     """Why specialists help or not, from the run's checkpoints: on each subset's validation
     images, the generalist's errors (over all classes, and among the subset's classes only)
-    against the specialist's among them; and how soft the students' teachers are on `probe`
-    training images (mean entropy in nats and top probability, at T = 1 and 4)."""
+    against the specialist's among them; eq. 5's validation errors by top_n and dustbin
+    correction; and how soft the students' teachers are on `probe` training images (mean
+    entropy in nats and top probability, at T = 1 and 4)."""
     import torch
 
     from ensemble.data import load_splits, to_pixels
@@ -379,6 +381,20 @@ def diagnosis(run: Path, data_dir: str, probe: int = 2000) -> list[str]:
         lines.append(f"| specialist-{i} | {len(members)} | {int(inside.sum()):,} | "
                      + " | ".join(f"{v:,}" for v in row) + " |")
     lines += [f"| all | | | {' | '.join(f'{v:,}' for v in totals)} |", ""]
+    lines += ["Eq. 5 on validation by how many of the generalist's top classes call specialists "
+              "and whether the dustbins are corrected for oversampling (errors; the generalist "
+              f"alone {int((pg.argmax(1) != y).sum()):,}):", "",
+              "| top_n | dustbin corrected | specialists consulted per image | errors |",
+              "|---:|---|---:|---:|"]
+    for top in (1, 3):
+        for corrected in (True, False):
+            spec = dataclasses.replace(cfg.specialists, top_n=top, dustbin_correction=corrected)
+            _, q, active = load_teacher(gens, cpu, specialists=specs,
+                                        specialists_cfg=spec).predict(x)
+            lines.append(f"| {top} | {'yes' if corrected else 'no'} | "
+                         f"{float(active.float().sum(1).mean()):.1f} | "
+                         f"{int((q.argmax(1) != y).sum()):,} |")
+    lines.append("")
     ens = load_teacher(gens, cpu, specialists=specs, specialists_cfg=cfg.specialists)
     xt = to_pixels(splits.train_x[:probe], cpu)
     lines += [f"How soft the teachers are on {probe:,} training images:", "",

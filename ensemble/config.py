@@ -318,6 +318,9 @@ class SpecialistsConfig:
     #   examples as the training set, or as show each subset example about once (many classes:
     #   a subset is a small share of the set, and its specialist starts from the generalist)
     top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
+    dustbin_correction: bool = True  # in eq. 5, each dustbin logit raised for the subset's
+    #   oversampling (§5.1); off: as trained. On 12-pixel fonts, designs no model saw, the
+    #   raised dustbins outvoted the generalist (results/many_classes_short.md's diagnosis)
     combine_tol: float = 1e-7  # stop the eq. 5 solver when q moves less than this
     combine_steps: int = 500  # ... or after this many steps
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, augment=("translate:2",)))

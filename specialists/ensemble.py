@@ -11,6 +11,7 @@ from ensemble.config import SpecialistsConfig
 from ensemble.data import Splits, as_float, labels_to_device, to_pixels
 from ensemble.train import CONFUSION_UP_TO, EVAL_BATCH, confusion_matrix
 from specialists.combine import active_specialists, combine
+from specialists.specialist import DustbinHead
 
 
 class Ensemble:
@@ -22,6 +23,10 @@ class Ensemble:
         self.generalist = generalist
         self.specialists = [m.eval().requires_grad_(False) for m in specialists]
         self.members, self.classes, self.cfg = members, classes, cfg
+        if not cfg.dustbin_correction:  # the dustbins as trained (their heads' eval offset 0)
+            for head in (h for m in self.specialists for h in m.modules()
+                         if isinstance(h, DustbinHead)):
+                head.dustbin_offset.zero_()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

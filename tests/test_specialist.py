@@ -71,3 +71,32 @@ def test_corrected_dustbin_probability_matches_natural_share():
         corrected = torch.softmax(net(x), 1)[:, -1].mean().item()
     assert abs(corrected - (1 - pi)) < 0.02
     assert abs(raw - (1 - pi)) > 0.1
+
+
+def test_dustbin_correction_off_leaves_the_dustbin_as_trained():
+    """specialists.dustbin_correction false: eq. 5 sees each specialist's dustbin as trained
+    (its eval offset 0), so the specialist weighs its own classes more than when corrected."""
+    from ensemble.config import SpecialistsConfig
+    from specialists.ensemble import Ensemble
+
+    class Generalist:
+        def probs(self, x, temperature):
+            return torch.tensor([[0.4, 0.35, 0.25]]).expand(len(x), 3)
+
+    def specialist():
+        head = DustbinHead(2, 3)  # classes 0 and 1, and the dustbin
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+            head.dustbin_offset.fill_(2.0)
+        return nn.Sequential(head)
+
+    x = torch.zeros(4, 2)
+    q = {}
+    for corrected in (True, False):
+        cfg = SpecialistsConfig(k=2, top_n=1, dustbin_correction=corrected)
+        model = specialist()
+        ens = Ensemble(Generalist(), [model], [[0, 1]], 3, cfg)
+        q[corrected] = ens.predict(x)[1]
+        assert float(model[0].dustbin_offset) == (2.0 if corrected else 0.0)
+    assert q[False][0, 0] > q[True][0, 0] and q[False][0, 2] < q[True][0, 2]
