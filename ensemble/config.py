@@ -320,7 +320,7 @@ class SpecialistsConfig:
     top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
     dustbin_correction: bool = True  # in eq. 5, each dustbin logit raised for the subset's
     #   oversampling (§5.1); off: as trained. On 12-pixel fonts, designs no model saw, the
-    #   raised dustbins outvoted the generalist (results/many_classes_short.md's diagnosis)
+    #   raised dustbins outvoted the generalist (`benchmarks/many_classes.py --diagnose`)
     combine_tol: float = 1e-7  # stop the eq. 5 solver when q moves less than this
     combine_steps: int = 500  # ... or after this many steps
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, augment=("translate:2",)))
