@@ -13,8 +13,9 @@ On CPU: 2 workers x 1 thread (gloo all-reduce) against 1 worker x 1 thread
 (`data_parallel_2x1_vs_1x1`, target >= 1.5), against 1 worker x 2 threads
 (`data_parallel_2x1_vs_1x2`, reported) and against two separate 1 x 1 models trained side by
 side, their rates summed (`data_parallel_2x1_vs_two_apart`: the same work without the
-all-reduce, so the share of this machine's two-process ceiling the workers reach). With --gpus: N workers x 1 GPU (NCCL) against one GPU,
-scaling efficiency = ratio / N (target >= 0.85 up to 8).
+all-reduce, so the share of this machine's two-process ceiling the workers reach). With --gpus:
+N workers x 1 GPU (NCCL) against one GPU, scaling efficiency = ratio / N (target >= 0.85 up
+to 8).
 `name: value` lines end the results file.
 """
 from __future__ import annotations

@@ -73,9 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_run(args) -> tuple[RunConfig, RunDir, bool, dict[str, bytes]]:
-    """The config, run directory and resume flag of `ensemble run`, all checked, and the
-    checkpoints of generalists taken over from another run (generalists.from_run)."""
+def _resolve_run(args) -> tuple[RunConfig, RunDir, bool, dict[str, bytes | dict]]:
+    """The config, run directory and resume flag of `ensemble run`, all checked, and what is
+    taken over from other runs (generalists.from_run, specialists.from_run)."""
     from ensemble.rundir import RunDir
 
     if args.resume:
@@ -109,36 +109,69 @@ def _resolve_run(args) -> tuple[RunConfig, RunDir, bool, dict[str, bytes]]:
     return cfg, run, False, adopted
 
 
-def _adopt_generalists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes]]:
+def _adopt_generalists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes | dict]]:
     """generalists.from_run: the config with that run's generalist recipe, and the last
     checkpoint of each of its generalists; refused unless the run used this run's data split and
     every generalist finished."""
-    from ensemble.rundir import RunDir
-
-    source = cfg.generalists.from_run
-    src = RunDir(source)
-    try:
-        if not src.exists():
-            raise ConfigError(f"generalists.from_run: there is no run at {source}")
-        saved = src.load_config()
+    def take(src: RunDir, saved: RunConfig) -> dict[str, bytes | dict]:
         split = lambda d: (d.name, d.folder, d.npz, d.factory, d.kwargs, d.mode,  # noqa: E731
                            d.image_size, d.val_size, d.train_size)
         if split(saved.data) != split(cfg.data):
-            raise ConfigError(f"generalists.from_run: {source} split its data differently (data "
-                              "source, val_size, train_size), so its generalists trained on this "
-                              "run's validation images; use its data settings")
-        own = dataclasses.replace(cfg.generalists, from_run="")
-        theirs = dataclasses.replace(saved.generalists, from_run="")
-        if own not in (GeneralistsConfig(), theirs):
-            raise ConfigError(f"generalists.from_run takes the generalists of {source} as they "
-                              "were trained; leave out the rest of the generalists section")
-        blobs = {f"generalist-{i}": _finished(src, f"generalist-{i}", theirs.train.epochs,
-                                              "generalists.from_run")
-                 for i in range(theirs.count)}
+            raise ConfigError(f"generalists.from_run: {src.location} split its data differently "
+                              "(data source, val_size, train_size), so its generalists trained "
+                              "on this run's validation images; use its data settings")
+        return {f"generalist-{i}": _finished(src, f"generalist-{i}", saved.generalists.train.epochs,
+                                             "generalists.from_run")
+                for i in range(saved.generalists.count)}
+
+    return _adopt(cfg, "generalists", GeneralistsConfig(), take)
+
+
+def _adopt_specialists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes | dict]]:
+    """specialists.from_run: the config with that run's specialists recipe, and its subsets
+    (subsets.json) and the last checkpoint of each specialist; refused unless that run took its
+    generalists from where this one takes them and every specialist finished."""
+    def take(src: RunDir, saved: RunConfig) -> dict[str, bytes | dict]:
+        if saved.generalists.from_run != cfg.generalists.from_run:
+            raise ConfigError(f"specialists.from_run: {src.location} took its generalists from "
+                              f"{saved.generalists.from_run or 'none (it trained its own)'}, this "
+                              f"run from {cfg.generalists.from_run}: its specialists start from "
+                              "and combine with theirs")
+        report = src.read_json("subsets.json")
+        if not saved.specialists.k or report is None:
+            raise ConfigError(f"specialists.from_run: {src.location} has no specialists "
+                              "(specialists.k 0, or its coordinator has not run)")
+        return {"subsets.json": report, **{
+            f"specialist-{i}": _finished(src, f"specialist-{i}", saved.specialists.train.epochs,
+                                         "specialists.from_run")
+            for i in range(len(report["subsets"]))}}
+
+    return _adopt(cfg, "specialists", SpecialistsConfig(), take)
+
+
+def _adopt(cfg: RunConfig, section: str, default,
+           take) -> tuple[RunConfig, dict[str, bytes | dict]]:
+    """`section.from_run`: that run's section as it was trained, in place of this config's, and
+    what `take(run, its config)` copies from it (checkpoints; reports as dicts); refused when
+    there is no such run or this section holds anything beside from_run."""
+    from ensemble.rundir import RunDir
+
+    source = getattr(cfg, section).from_run
+    src = RunDir(source)
+    try:
+        if not src.exists():
+            raise ConfigError(f"{section}.from_run: there is no run at {source}")
+        saved = src.load_config()
+        own = dataclasses.replace(getattr(cfg, section), from_run="")
+        theirs = dataclasses.replace(getattr(saved, section), from_run="")
+        if own not in (default, theirs):
+            raise ConfigError(f"{section}.from_run takes the {section} of {source} as they were "
+                              f"trained; leave out the rest of the {section} section")
+        adopted = take(src, saved)
     finally:
         src.close()
-    return dataclasses.replace(cfg, generalists=dataclasses.replace(
-        theirs, from_run=source)), blobs
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(theirs, from_run=source)}), \
+        adopted
 
 
 def _finished(src: RunDir, name: str, epochs: int, key: str) -> bytes:
@@ -151,42 +184,6 @@ def _finished(src: RunDir, name: str, epochs: int, key: str) -> bytes:
         raise ConfigError(f"{key}: {name} of {src.location} has trained {done} of its {epochs} "
                           f"epochs; finish it first with 'ensemble run --resume {src.location}'")
     return latest[0]
-
-
-def _adopt_specialists(cfg: RunConfig) -> tuple[RunConfig, dict[str, bytes | dict]]:
-    """specialists.from_run: the config with that run's specialists recipe, and its subsets
-    (subsets.json) and the last checkpoint of each specialist; refused unless that run took its
-    generalists from where this one takes them and every specialist finished."""
-    from ensemble.rundir import RunDir
-
-    source = cfg.specialists.from_run
-    src = RunDir(source)
-    try:
-        if not src.exists():
-            raise ConfigError(f"specialists.from_run: there is no run at {source}")
-        saved = src.load_config()
-        if saved.generalists.from_run != cfg.generalists.from_run:
-            raise ConfigError(f"specialists.from_run: {source} took its generalists from "
-                              f"{saved.generalists.from_run or 'none (it trained its own)'}, this "
-                              f"run from {cfg.generalists.from_run}: its specialists start from "
-                              "and combine with theirs")
-        own = dataclasses.replace(cfg.specialists, from_run="")
-        theirs = dataclasses.replace(saved.specialists, from_run="")
-        if own not in (SpecialistsConfig(), theirs):
-            raise ConfigError(f"specialists.from_run takes the specialists of {source} as they "
-                              "were trained; leave out the rest of the specialists section")
-        report = src.read_json("subsets.json")
-        if not theirs.k or report is None:
-            raise ConfigError(f"specialists.from_run: {source} has no specialists "
-                              "(specialists.k 0, or its coordinator has not run)")
-        adopted: dict[str, bytes | dict] = {"subsets.json": report}
-        for i in range(len(report["subsets"])):
-            adopted[f"specialist-{i}"] = _finished(src, f"specialist-{i}", theirs.train.epochs,
-                                                   "specialists.from_run")
-    finally:
-        src.close()
-    return dataclasses.replace(cfg, specialists=dataclasses.replace(
-        theirs, from_run=source)), adopted
 
 
 def _resumed_config(args, run: RunDir) -> RunConfig:
@@ -217,7 +214,8 @@ def cmd_run(args) -> int:
         run.close()  # a URI run directory: the last sync, and its staging copy removed
 
 
-def _run(args, cfg: RunConfig, run: RunDir, resume: bool, adopted: dict[str, bytes]) -> int:
+def _run(args, cfg: RunConfig, run: RunDir, resume: bool,
+         adopted: dict[str, bytes | dict]) -> int:
     from ensemble.data import load_splits
     from ensemble.tracking import Tracker
 

@@ -116,8 +116,8 @@ def assign_subsets(aff: torch.Tensor, k: int, iterations: int = 100, seed: int =
     joins = []  # (rank, class, cluster): each class's other clusters, nearest first
     for c in range(classes):
         near = [j for j in order[c].tolist() if j != home[c]]
-        if overlap_mass > 0:
-            near = [j for j in near[:overlap] if mass[c, j] >= overlap_mass]
+        if overlap_mass > 0 or not max_size:  # without a bound no choice is ever full
+            near = [j for j in near[:overlap] if overlap_mass <= 0 or mass[c, j] >= overlap_mass]
         joins += [(rank, c, j) for rank, j in enumerate(near)]
     # with max_size the bound holds after overlap too: the clear classes, all nearest to one
     # other cluster, would lump there again; a class whose choice is full takes its next

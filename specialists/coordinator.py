@@ -25,11 +25,11 @@ def coordinate(cfg: SpecialistsConfig, generalists: list[bytes], data: Splits,
     if len(images) == 0:
         raise TrainingError(f"specialists.covariance_on={cfg.covariance_on!r} names an empty "
                             "split; use the other one")
-    probs = Teacher(models).probs(to_device(images, dev), cfg.temperature)
-    cov = prediction_covariance(probs.double()).cpu()
+    probs = Teacher(models).probs(to_device(images, dev), cfg.temperature).double()
+    cov = prediction_covariance(probs).cpu()
     subsets = assign_subsets(affinity(cov, cfg.compare), cfg.k, cfg.iterations, cfg.seed,
                              cfg.overlap, cfg.min_tie, cfg.min_size, cfg.max_size,
-                             leakage(probs.double().cpu()), cfg.overlap_mass)
+                             leakage(probs.cpu()), cfg.overlap_mass)
     return {"subsets": subsets, "names": [[data.classes[c] for c in s] for s in subsets],
             "covariance_on": cfg.covariance_on, "inputs": len(images), "device": str(dev),
             "covariance": cov.tolist()}

@@ -1,6 +1,7 @@
 """benchmarks/many_classes.py's study, end to end on a tiny many-class set: every stage runs,
 a rerun resumes instead of training again, and each choice follows validation."""
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,11 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
         theirs = sorted((k / "checkpoints" / "specialist-0").iterdir())[-1].read_bytes()
         mine = list((runs[later] / "checkpoints" / "specialist-0").iterdir())
         assert [p.read_bytes() for p in mine] == [theirs]
+    found = "\n".join(study.diagnosis(k, "", probe=50))  # --diagnose, on the chosen k's run
+    totals = re.search(r"\| all \| \| \| ([\d,]+) \| ([\d,]+) \| ([\d,]+) \|", found)
+    gen_all, gen_subset, _ = (int(v.replace(",", "")) for v in totals.groups())
+    assert gen_subset <= gen_all  # among the subset's classes only: never more errors
+    assert found.count("| 1 | yes |") == found.count("| 3 | no |") == 1
     values = dict(line.split(": ", 1) for line in report.splitlines()[-5:])
     assert set(values) == {"specialists_test_error_reduction", "specialists_relative_accuracy_gain",
                            "table4_nondecreasing_share",
