@@ -6,16 +6,17 @@
 
 --study runs (or resumes: run it again after any stop) the whole study as `ensemble run`s in
 DIR, each from configs/many_classes/short.yaml's data and recipes, then writes its results:
-1. generalists of each size in SIZES, trained until validation stalls (train.patience); the
-   one with fewer validation errors is the generalist (`gen-small`, `gen-large`);
+1. generalists of each size in SIZES, trained until validation stalls (UNTIL); the one with
+   fewer validation errors is the generalist (`gen-small`, `gen-large`);
 2. specialists from it for each k in KS (`k8` ...); k chosen by eq. 5's validation errors;
 3. the equal-compute alternative: as many more generalists of that size as the chosen k's
-   specialists took time, averaged (`equal`);
+   specialists took CPU time, averaged (`equal`);
 4. one student of the generalist's size per teacher (the generalist; generalist + specialists
    at the chosen k, eq. 5) and temperature in TEMPERATURES; each teacher's T chosen on
    validation (`temperature`);
 5. students of the generalist's size and of half its widths, SEEDS seeds each: hard labels,
-   from the generalist, from generalist + specialists, at the chosen T (`students`).
+   from the generalist, from generalist + specialists, at the chosen T (`students`); every
+   student trains until validation stalls (UNTIL).
 The `temperature` and `students` runs take the chosen k's subsets and specialists over
 (specialists.from_run), as every run after the first takes the generalist (generalists.from_run).
 
@@ -161,6 +162,9 @@ SIZES = {"small": [32, 64, 128], "large": [48, 96, 192]}  # SmallCNN widths: abo
 KS = (8, 16, 32, 64)
 TEMPERATURES = (1.0, 2.0, 4.0)  # per teacher: eq. 5's q is already softer than the generalist's
 SEEDS = 3  # p (each specialist's dustbin spreads its share), so one T need not suit both
+# how long generalists and students train: until validation stalls for `patience` epochs (with
+# the cosine schedule over `epochs`, validation still improves late: patience of a few epochs)
+UNTIL = {"generalists": {"epochs": 30, "patience": 5}, "students": {"epochs": 15, "patience": 4}}
 
 
 def stage(folder: Path, name: str, raw: dict) -> Path:
@@ -185,7 +189,7 @@ def stage(folder: Path, name: str, raw: dict) -> Path:
 
 
 def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
-              temperatures=TEMPERATURES) -> dict[str, Path]:
+              temperatures=TEMPERATURES, until=UNTIL) -> dict[str, Path]:
     """Run every stage of the study in turn (see the module's docstring) from `base` (a config
     mapping with data, generalists, specialists and a student 'generalists')."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,7 +198,7 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
     for size, widths in sizes.items():
         raw = {"name": f"many-gen-{size}", "data": base["data"], "generalists": {
             **gen, "model": {**gen["model"], "hidden": widths},
-            "train": {**gen["train"], "epochs": 30}}}
+            "train": {**gen["train"], **until["generalists"]}}}
         runs[f"gen-{size}"] = stage(folder, f"gen-{size}", raw)
     best = min(sizes, key=lambda s: summary(runs[f"gen-{s}"], "generalist-0")["val_errors"])
     source = {"from_run": str(runs[f"gen-{best}"])}
@@ -203,12 +207,13 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
                "specialists": {**base["specialists"], "k": k}}
         runs[f"k{k}"] = stage(folder, f"k{k}", raw)
     k = min(ks, key=lambda k: _json(runs[f"k{k}"], "ensemble.json")["val"]["ensemble_errors"])
-    walls = _walls(runs[f"k{k}"])
-    extra = round(walls["specialists"] / walls["generalist-0"])
+    spent = _cpu_seconds(runs[f"k{k}"])
+    extra = round(spent["specialists"] / spent["generalist-0"])
     chosen = yaml.safe_load((runs[f"gen-{best}"] / "config.yaml").read_text())["generalists"]
     runs["equal"] = stage(folder, "equal", {"name": "many-equal", "data": base["data"],
                                             "generalists": {**chosen, "count": 1 + extra}})
     recipe = base["students"]["generalists"]
+    recipe = {**recipe, "train": {**recipe["train"], **until["students"]}}
     teachers = {"generalists": {}, "ensemble": {"soft_targets": "ensemble"}}
     trial = {f"{kind}-T{t:g}": {**recipe, **extra, "temperature": t}
              for kind, extra in teachers.items() for t in temperatures}
@@ -236,14 +241,20 @@ def _json(run: Path, name: str) -> dict:
     return json.loads((run / name).read_text())
 
 
-def _walls(run: Path) -> dict[str, float]:
-    names = [p.name for p in (run / "checkpoints").iterdir()]
-    walls = {n: summary(run, n)["wall_seconds"] for n in names}
-    walls["specialists"] = sum(v for n, v in walls.items() if n.startswith("specialist-"))
-    if "generalist-0" not in walls:  # taken over: the source run's
-        source = load_config(run / "config.yaml").generalists.from_run
-        walls["generalist-0"] = summary(Path(source), "generalist-0")["wall_seconds"]
-    return walls
+def _cpu_seconds(run: Path) -> dict[str, float]:
+    """CPU-seconds each model of `run` trained (its wall time times the CPUs it held: the
+    generalist may hold more than a specialist), the specialists summed."""
+    cfg = load_config(run / "config.yaml")
+    cpus = {"generalist": cfg.generalists.resources.num_cpus,
+            "specialist": cfg.specialists.resources.num_cpus}
+    spent = {p.name: summary(run, p.name)["wall_seconds"] * cpus.get(p.name.split("-")[0], 1)
+             for p in (run / "checkpoints").iterdir()}
+    spent["specialists"] = sum(v for n, v in spent.items() if n.startswith("specialist-"))
+    if "generalist-0" not in spent:  # taken over: the source run's
+        source = Path(cfg.generalists.from_run)
+        spent["generalist-0"] = summary(source, "generalist-0")["wall_seconds"] * \
+            load_config(source / "config.yaml").generalists.resources.num_cpus
+    return spent
 
 
 def averaged(run: Path, data_dir: str) -> dict[str, int]:
@@ -307,11 +318,12 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     t4, share = table4(ens)
     lines += ["", f"Chosen on validation: k = {k[1:]}.", "",
               *subsets_section(runs[k], class_names(cfg)), *t3, *t4]
-    walls = _walls(runs[k])
+    spent = _cpu_seconds(runs[k])
     equal = averaged(runs["equal"], data_dir)
     count = load_config(runs["equal"] / "config.yaml").generalists.count
     lines += [f"The same compute on more generalists: the chosen k's specialists trained "
-              f"{walls['specialists']:,.0f} s, the generalist {walls['generalist-0']:,.0f} s, so "
+              f"{spent['specialists']:,.0f} CPU-seconds, the generalist "
+              f"{spent['generalist-0']:,.0f}, so "
               f"{count} generalists averaged: {equal['val']:,} validation and {equal['test']:,} "
               f"test errors, against {ens['test']['ensemble_errors']:,} test errors with the "
               "specialists.", ""]

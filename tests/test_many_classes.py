@@ -38,13 +38,16 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
             "students": {"generalists": {"model": mlp, "temperature": 2.0,
                                          "train": {"epochs": 1, "batch_size": 50, "lr": 0.3}}}}
     folder = tmp_path / "study"
+    until = {"generalists": {"epochs": 4, "patience": 2}, "students": {"epochs": 1, "patience": 0}}
     runs = study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3),
-                           seeds=2, temperatures=(1.0, 3.0))
+                           seeds=2, temperatures=(1.0, 3.0), until=until)
     assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "students",
                             "temperature"]
     val = {n: study.summary(runs[n], "generalist-0")["val_errors"] for n in ("gen-small",
                                                                            "gen-large")}
     chosen = min(val, key=val.get)
+    assert yaml.safe_load((folder / "gen-small.yaml").read_text())["generalists"]["train"][
+        "epochs"] == 4  # the study's own length, not the base config's
     assert f"from_run: {runs[chosen]}" in (folder / "k2.yaml").read_text()
     report = study.study_report(runs, "")
     ks = {k: study._json(runs[k], "ensemble.json")["val"]["ensemble_errors"]
@@ -79,5 +82,5 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     assert "| ensemble | half | 2 |" in report and "| hard | generalist | 2 |" in report
     before = {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")}
     study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
-                    temperatures=(1.0, 3.0))
+                    temperatures=(1.0, 3.0), until=until)
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
