@@ -8,7 +8,9 @@
 DIR, each from configs/many_classes/short.yaml's data and recipes, then writes its results:
 1. generalists of each size in SIZES, trained until validation stalls (UNTIL); the one with
    fewer validation errors is the generalist (`gen-small`, `gen-large`);
-2. specialists from it for each k in KS (`k8` ...); k chosen by eq. 5's validation errors;
+2. specialists from it at the first k in KS for the base config's learning rate and each in LRS
+   (`k8`, `k8-lr005` ...), the rate chosen by eq. 5's validation errors; then at that rate for
+   each other k (`k16` ...; a suffix if not the base rate); k chosen likewise;
 3. the equal-compute alternative: as many more generalists of that size as the chosen k's
    specialists took CPU time, averaged (`equal`);
 4. one student of the generalist's size per teacher (the generalist; generalist + specialists
@@ -165,6 +167,9 @@ SEEDS = 3  # p (each specialist's dustbin spreads its share), so one T need not 
 # how long generalists and students train: until validation stalls for `patience` epochs (with
 # the cosine schedule over `epochs`, validation still improves late: patience of a few epochs)
 UNTIL = {"generalists": {"epochs": 30, "patience": 5}, "students": {"epochs": 15, "patience": 4}}
+# the specialists' learning rates tried, at the first k, besides the base config's: from the
+# converged generalist, 0.02 (the short run's) left them behind it within their own subsets
+LRS = (0.005, 0.001)
 
 
 def stage(folder: Path, name: str, raw: dict) -> Path:
@@ -189,7 +194,7 @@ def stage(folder: Path, name: str, raw: dict) -> Path:
 
 
 def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
-              temperatures=TEMPERATURES, until=UNTIL) -> dict[str, Path]:
+              temperatures=TEMPERATURES, until=UNTIL, lrs=LRS) -> dict[str, Path]:
     """Run every stage of the study in turn (see the module's docstring) from `base` (a config
     mapping with data, generalists, specialists and a student 'generalists')."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,10 +207,19 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
         runs[f"gen-{size}"] = stage(folder, f"gen-{size}", raw)
     best = min(sizes, key=lambda s: summary(runs[f"gen-{s}"], "generalist-0")["val_errors"])
     source = {"from_run": str(runs[f"gen-{best}"])}
+    spec = base["specialists"]
+
+    def specialists(k: int, lr: float) -> Path:  # the base config's rate: no suffix
+        tag = "" if lr == spec["train"]["lr"] else f"-lr{f'{lr:g}'.replace('0.', '')}"
+        return stage(folder, f"k{k}{tag}", {
+            "name": f"many-k{k}{tag}", "data": base["data"], "generalists": source,
+            "specialists": {**spec, "k": k, "train": {**spec["train"], "lr": lr}}})
+
+    first = {lr: specialists(ks[0], lr) for lr in (spec["train"]["lr"], *lrs)}
+    runs.update({f"lr{lr:g}": run for lr, run in first.items()})
+    lr = min(first, key=lambda r: _json(first[r], "ensemble.json")["val"]["ensemble_errors"])
     for k in ks:
-        raw = {"name": f"many-k{k}", "data": base["data"], "generalists": source,
-               "specialists": {**base["specialists"], "k": k}}
-        runs[f"k{k}"] = stage(folder, f"k{k}", raw)
+        runs[f"k{k}"] = first[lr] if k == ks[0] else specialists(k, lr)
     k = min(ks, key=lambda k: _json(runs[f"k{k}"], "ensemble.json")["val"]["ensemble_errors"])
     spent = _cpu_seconds(runs[f"k{k}"])
     extra = round(spent["specialists"] / spent["generalist-0"])
@@ -303,7 +317,17 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     for n in sizes:
         lines += model_rows(runs[n], ["generalist-0"], label=n)
     spec = load_config(runs[k] / "config.yaml").specialists
-    lines += ["", f"Chosen on validation: {best}.", "", "Specialists per k (eq. 5; "
+    trials = {n: _json(runs[n], "ensemble.json") for n in runs if n.startswith("lr")}
+    alone = next(iter(trials.values()))  # every trial has the same generalist
+    first = load_config(runs[next(iter(trials))] / "config.yaml").specialists.k
+    lines += ["", f"Chosen on validation: {best}.", "", f"The specialists' learning rate, tried "
+              f"at k = {first} (eq. 5's errors; the generalist alone: "
+              f"{alone['val']['generalist_errors']:,} validation, "
+              f"{alone['test']['generalist_errors']:,} test):", "",
+              "| lr | val errors | test errors |", "|---:|---:|---:|"]
+    lines += [f"| {n[2:]} | {e['val']['ensemble_errors']:,} | {e['test']['ensemble_errors']:,} |"
+              for n, e in trials.items()]
+    lines += ["", f"Chosen on validation: lr = {spec.train.lr:g}.", "", "Specialists per k (eq. 5; "
               f"{spec_keys(spec, skip=('k',))}):", "", "| k | subsets | val errors: generalist, "
               "with specialists | test errors: generalist, with specialists | relative test "
               "accuracy gain |", "|---:|---:|---:|---:|---:|"]
@@ -317,7 +341,8 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     t3, reduction, gain = table3(ens, test_n)
     t4, share = table4(ens)
     lines += ["", f"Chosen on validation: k = {k[1:]}.", "",
-              *subsets_section(runs[k], class_names(cfg)), *t3, *t4]
+              *subsets_section(runs[k], class_names(cfg)), *t3, *t4,
+              *diagnosis(runs[k], data_dir), ""]
     spent = _cpu_seconds(runs[k])
     equal = averaged(runs["equal"], data_dir)
     count = load_config(runs["equal"] / "config.yaml").generalists.count

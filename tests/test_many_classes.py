@@ -40,9 +40,17 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     folder = tmp_path / "study"
     until = {"generalists": {"epochs": 4, "patience": 2}, "students": {"epochs": 1, "patience": 0}}
     runs = study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3),
-                           seeds=2, temperatures=(1.0, 3.0), until=until)
-    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "students",
-                            "temperature"]
+                           seeds=2, temperatures=(1.0, 3.0), until=until, lrs=(0.02,))
+    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "lr0.02", "lr0.1",
+                            "students", "temperature"]
+    # the specialists' rate: the base config's (0.1) and 0.02 tried at the first k, the one with
+    # fewer eq. 5 validation errors taken for the others
+    trial = {lr: study._json(runs[f"lr{lr}"], "ensemble.json")["val"]["ensemble_errors"]
+             for lr in ("0.1", "0.02")}
+    lr = float(min(trial, key=trial.get))
+    assert runs["lr0.02"] == folder / "k2-lr02" and runs["k2"] == runs[f"lr{lr:g}"]
+    assert yaml.safe_load((runs["k3"] / "config.yaml").read_text())["specialists"]["train"][
+        "lr"] == lr
     val = {n: study.summary(runs[n], "generalist-0")["val_errors"] for n in ("gen-small",
                                                                            "gen-large")}
     chosen = min(val, key=val.get)
@@ -80,7 +88,8 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
                                                                      "hard")
                               for tag in ("", "-half") for i in range(2))
     assert "| ensemble | half | 2 |" in report and "| hard | generalist | 2 |" in report
+    assert f"Chosen on validation: lr = {lr:g}." in report
     before = {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")}
     study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
-                    temperatures=(1.0, 3.0), until=until)
+                    temperatures=(1.0, 3.0), until=until, lrs=(0.02,))
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
