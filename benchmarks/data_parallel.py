@@ -13,7 +13,12 @@ On CPU: 2 workers x 1 thread (gloo all-reduce) against 1 worker x 1 thread
 (`data_parallel_2x1_vs_1x1`, target >= 1.5), against 1 worker x 2 threads
 (`data_parallel_2x1_vs_1x2`, reported) and against two separate 1 x 1 models trained side by
 side, their rates summed (`data_parallel_2x1_vs_two_apart`: the same work without the
-all-reduce, so the share of this machine's two-process ceiling the workers reach). With --gpus:
+all-reduce, so the share of this machine's two-process ceiling the workers reach). Beside them,
+the same three settings bare, with neither Ray nor this project: the fixed reference loop
+(../shared/bench/plain_loop.py, imported) on the reference 2x1200 MLP, one process at batch 512,
+two processes at 256 each with the model wrapped in DistributedDataParallel (gloo), and two
+separate processes at 512 (`bare_ddp_2x1_vs_1x1`: what gloo's all-reduce leaves on this
+machine before anything of ours runs). With --gpus:
 N workers x 1 GPU (NCCL) against one GPU, scaling efficiency = ratio / N (target >= 0.85 up
 to 8).
 `name: value` lines end the results file.
@@ -21,6 +26,7 @@ to 8).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -28,7 +34,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from ensemble import checkpoint
+from throughput import load_plain_loop  # benchmarks/throughput.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = """
@@ -81,6 +90,57 @@ def cpu_table(args, work: Path) -> tuple[list[str], list[str]]:
     return rows, lines
 
 
+def _bare_rank(rank: int, world: int, batch: int, samples: int, store: str, out) -> None:
+    """One process of the bare settings: the reference loop, in a gloo group if `store`."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    plain = load_plain_loop()
+    torch.manual_seed(0)
+    x, y = torch.rand(60_000, 784), torch.randint(0, 10, (60_000,))
+    model = plain.paper_mlp()
+    if store:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world)
+        model = DistributedDataParallel(model)
+    out.put(plain.plain_loop_samples_per_s(model, x, y, batch, samples=samples))
+    if store:
+        dist.destroy_process_group()
+
+
+def bare(world: int, batch: int, group: bool, work: Path, samples: int = 40_000) -> float:
+    """Examples per second of `world` bare processes: one model in a group (its rate: the
+    slowest rank's times the world), or separate models (their rates summed)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out, store = ctx.Queue(), str(work / f"store-{os.urandom(4).hex()}") if group else ""
+    procs = [ctx.Process(target=_bare_rank, args=(r, world, batch, samples, store, out))
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    rates = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    return min(rates) * world if group else sum(rates)
+
+
+def bare_table(args, work: Path) -> tuple[list[str], list[str]]:
+    settings = {"1x1": (1, 512, False), "2x1": (2, 256, True), "apart": (2, 512, False)}
+    rates = {tag: [] for tag in settings}
+    for _ in range(args.rounds):
+        for tag, (world, batch, group) in settings.items():
+            rates[tag].append(bare(world, batch, group, work))
+    one, two, apart = (statistics.median(rates[t]) for t in settings)
+    rows = [f"| bare: 1 process x 1 thread | {one:,.0f} | 1.00 |",
+            f"| bare: 2 DDP processes x 1 thread (gloo) | {two:,.0f} | {two / one:.2f} |",
+            f"| bare: 2 separate processes x 1 thread (summed) | {apart:,.0f} | "
+            f"{apart / one:.2f} |"]
+    return rows, [f"bare_ddp_2x1_vs_1x1: {two / one:.2f}",
+                  f"bare_ddp_2x1_vs_two_apart: {two / apart:.2f}"]
+
+
 def gpu_table(args, work: Path) -> tuple[list[str], list[str]]:
     counts = [int(n) for n in args.gpus.split(",")]
     rates = {n: throughput(f"{n}gpu", n, 1, 1, args.epochs, args, work) for n in counts}
@@ -103,6 +163,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ensemble-dp-") as work:
         rows, lines = (gpu_table if args.gpus else cpu_table)(args, Path(work))
+        if not args.gpus:
+            bare_rows, bare_lines = bare_table(args, Path(work))
+            rows, lines = rows + bare_rows, lines + bare_lines
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
@@ -115,7 +178,8 @@ def main() -> None:
             f"global batch 512, {args.epochs} epochs per run; throughput is the median over the "
             "epochs after the first, as the model's checkpoint records it"
             + ("" if args.gpus else f", then the median of {args.rounds} runs per setting "
-               "(the settings taking turns)") + ".", "",
+               "(the settings taking turns). The bare rows: the reference loop on random "
+               "tensors, 40,000 examples per process, the median of as many runs") + ".", "",
             "| setting | training examples/s | vs the first |", "|---|---:|---:|",
             *rows, "", *lines]
     Path(args.out).write_text("\n".join(text) + "\n")
