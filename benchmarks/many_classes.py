@@ -8,9 +8,10 @@
 DIR, each from configs/many_classes/short.yaml's data and recipes, then writes its results:
 1. generalists of each size in SIZES, trained until validation stalls (UNTIL); the one with
    fewer validation errors is the generalist (`gen-small`, `gen-large`);
-2. specialists from it at the first k in KS for the base config's learning rate and each in LRS
-   (`k8`, `k8-lr005` ...), the rate chosen by eq. 5's validation errors; then at that rate for
-   each other k (`k16` ...; a suffix if not the base rate); k chosen likewise;
+2. specialists from it at the first k in KS with the base config's recipe and each in RECIPES
+   (`k8`, `k8-lr005`, `k8-soft5-t2` ...), the recipe chosen by eq. 5's validation errors; then
+   with that recipe for each other k (`k16` ...; its suffix if not the base's); k chosen
+   likewise;
 3. the equal-compute alternative: as many more generalists of that size as the chosen k's
    specialists took CPU time, averaged (`equal`);
 4. one student of the generalist's size per teacher (the generalist; generalist + specialists
@@ -167,9 +168,38 @@ SEEDS = 3  # p (each specialist's dustbin spreads its share), so one T need not 
 # how long generalists and students train: until validation stalls for `patience` epochs (with
 # the cosine schedule over `epochs`, validation still improves late: patience of a few epochs)
 UNTIL = {"generalists": {"epochs": 30, "patience": 5}, "students": {"epochs": 15, "patience": 4}}
-# the specialists' learning rates tried, at the first k, besides the base config's: from the
-# converged generalist, 0.02 (the short run's) left them behind it within their own subsets
-LRS = (0.005, 0.001)
+# the specialists' recipes tried at the first k besides the base config's, each the base with
+# these keys changed: from the converged generalist, the short run's recipe left them behind it
+# within their own subsets on unseen typefaces, so gentler learning rates, and §6's soft targets
+# from the generalist (specialists.soft_weight at soft_temperature), proposed there against
+# a specialist's overfitting and left untried
+RECIPES = ({"lr": 0.005}, {"lr": 0.001}, {"soft_weight": 0.5, "soft_temperature": 2.0},
+           {"soft_weight": 0.9, "soft_temperature": 2.0})
+SHORT = {"lr": "lr", "soft_weight": "soft", "soft_temperature": "t"}  # run-name tags
+
+
+def recipe_tag(changes: dict) -> str:
+    """A recipe's run-name suffix: {"lr": 0.005} -> "-lr005"; the base's ""."""
+    return "".join(f"-{SHORT[key]}{f'{value:g}'.replace('0.', '')}"
+                   for key, value in changes.items())
+
+
+def recipe_text(spec) -> str:
+    """A specialists section's recipe in words: "lr 0.02, soft targets 0.5 at T = 2"."""
+    soft = f", soft targets {spec.soft_weight:g} at T = {spec.soft_temperature:g}" \
+        if spec.soft_weight else ""
+    return f"lr {spec.train.lr:g}{soft}"
+
+
+def specialists_stage(base: dict, source: dict, k: int, changes: dict) -> tuple[str, dict]:
+    """The run name and config of specialists at k from the generalist run `source`, with the
+    base config's specialists recipe and `changes` (train.lr, or keys of the section)."""
+    spec = base["specialists"]
+    train = {**spec["train"], **{key: v for key, v in changes.items() if key == "lr"}}
+    rest = {key: v for key, v in changes.items() if key != "lr"}
+    name = f"k{k}{recipe_tag(changes)}"
+    return name, {"name": f"many-{name}", "data": base["data"], "generalists": source,
+                  "specialists": {**spec, **rest, "k": k, "train": train}}
 
 
 def stage(folder: Path, name: str, raw: dict) -> Path:
@@ -194,7 +224,7 @@ def stage(folder: Path, name: str, raw: dict) -> Path:
 
 
 def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
-              temperatures=TEMPERATURES, until=UNTIL, lrs=LRS) -> dict[str, Path]:
+              temperatures=TEMPERATURES, until=UNTIL, recipes=RECIPES) -> dict[str, Path]:
     """Run every stage of the study in turn (see the module's docstring) from `base` (a config
     mapping with data, generalists, specialists and a student 'generalists')."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -207,19 +237,17 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
         runs[f"gen-{size}"] = stage(folder, f"gen-{size}", raw)
     best = min(sizes, key=lambda s: summary(runs[f"gen-{s}"], "generalist-0")["val_errors"])
     source = {"from_run": str(runs[f"gen-{best}"])}
-    spec = base["specialists"]
 
-    def specialists(k: int, lr: float) -> Path:  # the base config's rate: no suffix
-        tag = "" if lr == spec["train"]["lr"] else f"-lr{f'{lr:g}'.replace('0.', '')}"
-        return stage(folder, f"k{k}{tag}", {
-            "name": f"many-k{k}{tag}", "data": base["data"], "generalists": source,
-            "specialists": {**spec, "k": k, "train": {**spec["train"], "lr": lr}}})
+    def specialists(k: int, changes: dict) -> Path:
+        return stage(folder, *specialists_stage(base, source, k, changes))
 
-    first = {lr: specialists(ks[0], lr) for lr in (spec["train"]["lr"], *lrs)}
-    runs.update({f"lr{lr:g}": run for lr, run in first.items()})
-    lr = min(first, key=lambda r: _json(first[r], "ensemble.json")["val"]["ensemble_errors"])
+    trials = [{}, *recipes]
+    first = [specialists(ks[0], changes) for changes in trials]
+    runs.update({f"recipe{recipe_tag(c) or '-base'}": run for c, run in zip(trials, first)})
+    best_trial = min(range(len(trials)), key=lambda i: _json(first[i], "ensemble.json")["val"][
+        "ensemble_errors"])
     for k in ks:
-        runs[f"k{k}"] = first[lr] if k == ks[0] else specialists(k, lr)
+        runs[f"k{k}"] = first[best_trial] if k == ks[0] else specialists(k, trials[best_trial])
     k = min(ks, key=lambda k: _json(runs[f"k{k}"], "ensemble.json")["val"]["ensemble_errors"])
     spent = _cpu_seconds(runs[f"k{k}"])
     extra = round(spent["specialists"] / spent["generalist-0"])
@@ -317,17 +345,18 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     for n in sizes:
         lines += model_rows(runs[n], ["generalist-0"], label=n)
     spec = load_config(runs[k] / "config.yaml").specialists
-    trials = {n: _json(runs[n], "ensemble.json") for n in runs if n.startswith("lr")}
+    trials = {n: _json(runs[n], "ensemble.json") for n in runs if n.startswith("recipe-")}
     alone = next(iter(trials.values()))  # every trial has the same generalist
     first = load_config(runs[next(iter(trials))] / "config.yaml").specialists.k
-    lines += ["", f"Chosen on validation: {best}.", "", f"The specialists' learning rate, tried "
+    lines += ["", f"Chosen on validation: {best}.", "", f"The specialists' recipe, tried "
               f"at k = {first} (eq. 5's errors; the generalist alone: "
               f"{alone['val']['generalist_errors']:,} validation, "
               f"{alone['test']['generalist_errors']:,} test):", "",
-              "| lr | val errors | test errors |", "|---:|---:|---:|"]
-    lines += [f"| {n[2:]} | {e['val']['ensemble_errors']:,} | {e['test']['ensemble_errors']:,} |"
+              "| recipe | val errors | test errors |", "|---|---:|---:|"]
+    lines += [f"| {recipe_text(load_config(runs[n] / 'config.yaml').specialists)} | "
+              f"{e['val']['ensemble_errors']:,} | {e['test']['ensemble_errors']:,} |"
               for n, e in trials.items()]
-    lines += ["", f"Chosen on validation: lr = {spec.train.lr:g}.", "", "Specialists per k (eq. 5; "
+    lines += ["", f"Chosen on validation: {recipe_text(spec)}.", "", "Specialists per k (eq. 5; "
               f"{spec_keys(spec, skip=('k',))}):", "", "| k | subsets | val errors: generalist, "
               "with specialists | test errors: generalist, with specialists | relative test "
               "accuracy gain |", "|---:|---:|---:|---:|---:|"]
@@ -481,7 +510,8 @@ def main() -> None:
     student = "n/a (no students generalists and ensemble)" if None in students else \
         f"{1 - students[1]['test_errors'] / students[0]['test_errors']:.3f}"
     text = ["# Specialists on many classes", "",
-            f"Run `{run}` of `{cfg.name}` ({spec_keys(cfg.specialists)}; fixed in advance, not "
+            f"Run `{run}` of `{cfg.name}` ({spec_keys(cfg.specialists)}; "
+            f"{recipe_text(cfg.specialists)}; fixed in advance, not "
             "chosen on validation). `python benchmarks/many_classes.py --run " + str(run)
             + (" --diagnose" if args.diagnose else "") + "`.",
             "", *data_section(cfg, run, test_n), *MODELS, *model_rows(run, names), "",

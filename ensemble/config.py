@@ -318,6 +318,10 @@ class SpecialistsConfig:
     #   examples as the training set, or as show each subset example about once (many classes:
     #   a subset is a small share of the set, and its specialist starts from the generalist)
     top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
+    soft_weight: float = 0.0  # §6, left untried there: > 0 also trains each specialist on its
+    #   generalist's soft targets (its subset's probabilities and the rest's sum, the dustbin's)
+    #   with this weight, the hard labels with 1 - this: kept near what the generalist knows
+    soft_temperature: float = 1.0  # ... at this temperature (the soft term times T^2, as §2's)
     dustbin_correction: bool = True  # in eq. 5, each dustbin logit raised for the subset's
     #   oversampling (§5.1); off: as trained. On 12-pixel fonts, designs no model saw, the
     #   raised dustbins outvoted the generalist (`benchmarks/many_classes.py --diagnose`)
@@ -350,6 +354,10 @@ class SpecialistsConfig:
                  self.max_size)
         _require(0.0 < self.fraction < 1.0, "fraction", "must be in (0, 1)", self.fraction)
         _require(self.top_n >= 1, "top_n", "must be >= 1", self.top_n)
+        _require(0.0 <= self.soft_weight <= 1.0, "soft_weight", "must be in [0, 1]",
+                 self.soft_weight)
+        _require(self.soft_temperature >= 0.01, "soft_temperature", "must be >= 0.01 (logits "
+                 "divided by less overflow)", self.soft_temperature)
         _require(self.combine_tol > 0, "combine_tol", "must be > 0", self.combine_tol)
         _require(self.combine_steps >= 1, "combine_steps", "must be >= 1", self.combine_steps)
 

@@ -1,14 +1,18 @@
 """§5.1: the trainer of one specialist. It starts from its generalist's weights with an output
 layer over its subset plus a dustbin, draws share `fraction` of each batch from the subset, and
-corrects the dustbin logit for that sampling (`specialists.specialist`)."""
+corrects the dustbin logit for that sampling (`specialists.specialist`). With
+`specialists.soft_weight` > 0 it also learns the generalist's soft targets, as §6 proposes to
+keep a specialist from overfitting its enriched, effectively small training set."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ensemble import checkpoint
 from ensemble.config import ModelConfig, SpecialistsConfig, parse
 from ensemble.data import Splits
+from ensemble.distill import distillation_loss
 from ensemble.errors import TrainingError
 from ensemble.models import head_of, load_model, specialist_model
 from ensemble.train import Trainer
@@ -40,6 +44,10 @@ class SpecialistTrainer(Trainer):
         self.val = (self.val[0], local_labels(self.val[1], members_t, self.full_classes))
         self.test = (self.test[0], local_labels(self.test[1], members_t, self.full_classes))
         self._set_offset()
+        self.soft_weight, self.soft_temperature = cfg.soft_weight, cfg.soft_temperature
+        self.members_t, self.generalist = members_t, None
+        if self.soft_weight > 0:  # frozen: its soft targets of each (augmented) batch
+            self.generalist = load_model(generalist, self.device)[0].requires_grad_(False)
 
     def make_model(self, data: Splits) -> nn.Module:
         base, _ = load_model(self.generalist_blob, torch.device("cpu"))
@@ -62,10 +70,22 @@ class SpecialistTrainer(Trainer):
         self.measured = int(drawn_in) / (steps * self.cfg.batch_size)
         self._set_offset()  # before the epoch's evaluation, which sees the corrected logits
 
+    def loss_on(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.generalist is None:  # the paper's specialists: hard labels only
+            return super().loss_on(xb, idx)
+        logits = self.forward(xb)
+        with torch.no_grad():
+            p = F.softmax(self.generalist(xb).float() / self.soft_temperature, 1)
+            inside = p[:, self.members_t]
+            targets = torch.cat([inside, (1 - inside.sum(1, keepdim=True)).clamp_min(0)], 1)
+        return distillation_loss(logits, targets, self.y[idx], self.soft_temperature,
+                                 self.soft_weight, self.cfg.label_smoothing)
+
     def _set_offset(self) -> None:
         self.head.dustbin_offset.fill_(dustbin_offset(self.measured, self.natural))
 
     def extra_meta(self) -> dict:
         return {"members": self.member_list, "generalist_classes": self.full_classes,
                 "fraction_measured": self.measured, "natural_share": self.natural,
-                "dustbin_offset": float(self.head.dustbin_offset)}
+                "dustbin_offset": float(self.head.dustbin_offset),
+                "soft_weight": self.soft_weight, "soft_temperature": self.soft_temperature}

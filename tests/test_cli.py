@@ -89,6 +89,13 @@ CASES = {  # name: (argv, exit code, words the message must hold, optional data 
                                       "specialists.overlap_mass=0.1"], 2,
                                      "specialists.overlap_mass needs specialists.overlap >= 1",
                                      None),
+    "specialists' soft targets past all of the loss": (
+        ["run", "{config}", "--set", "specialists.k=3", "--set", "specialists.soft_weight=1.5"],
+        2, "specialists.soft_weight must be in [0, 1]", None),
+    "specialists' soft targets frozen solid": (
+        ["run", "{config}", "--set", "specialists.k=3", "--set",
+         "specialists.soft_temperature=0"], 2, "specialists.soft_temperature must be >= 0.01",
+        None),
     "specialists taken over without their generalists": (
         ["run", "{config}", "--set", "specialists.from_run={tmp}/nowhere"], 2,
         "specialists.from_run needs generalists.from_run too", None),

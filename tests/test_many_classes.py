@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
+from ensemble import checkpoint
+from ensemble.config import load_config
 from tests.conftest import synthetic_digits
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -39,18 +41,22 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
                                          "train": {"epochs": 1, "batch_size": 50, "lr": 0.3}}}}
     folder = tmp_path / "study"
     until = {"generalists": {"epochs": 4, "patience": 2}, "students": {"epochs": 1, "patience": 0}}
+    soft = {"soft_weight": 0.5, "soft_temperature": 2.0}
     runs = study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3),
-                           seeds=2, temperatures=(1.0, 3.0), until=until, lrs=(0.02,))
-    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "lr0.02", "lr0.1",
-                            "students", "temperature"]
-    # the specialists' rate: the base config's (0.1) and 0.02 tried at the first k, the one with
-    # fewer eq. 5 validation errors taken for the others
-    trial = {lr: study._json(runs[f"lr{lr}"], "ensemble.json")["val"]["ensemble_errors"]
-             for lr in ("0.1", "0.02")}
-    lr = float(min(trial, key=trial.get))
-    assert runs["lr0.02"] == folder / "k2-lr02" and runs["k2"] == runs[f"lr{lr:g}"]
-    assert yaml.safe_load((runs["k3"] / "config.yaml").read_text())["specialists"]["train"][
-        "lr"] == lr
+                           seeds=2, temperatures=(1.0, 3.0), until=until, recipes=(soft,))
+    assert sorted(runs) == ["equal", "gen-large", "gen-small", "k2", "k3", "recipe-base",
+                            "recipe-soft5-t2", "students", "temperature"]
+    # the specialists' recipe: the base config's and §6's soft targets tried at the first k, the
+    # one with fewer eq. 5 validation errors taken for the others
+    trial = {n: study._json(runs[n], "ensemble.json")["val"]["ensemble_errors"]
+             for n in ("recipe-base", "recipe-soft5-t2")}
+    best = min(trial, key=trial.get)
+    assert runs["recipe-soft5-t2"] == folder / "k2-soft5-t2" and runs["k2"] == runs[best]
+    weight = 0.5 if best == "recipe-soft5-t2" else 0.0
+    assert load_config(runs["k3"] / "config.yaml").specialists.soft_weight == weight
+    meta = checkpoint.read_meta(checkpoint.load_latest(
+        runs["recipe-soft5-t2"] / "checkpoints" / "specialist-0")[0])
+    assert (meta["soft_weight"], meta["soft_temperature"]) == (0.5, 2.0)  # trained so
     val = {n: study.summary(runs[n], "generalist-0")["val_errors"] for n in ("gen-small",
                                                                            "gen-large")}
     chosen = min(val, key=val.get)
@@ -88,8 +94,9 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
                                                                      "hard")
                               for tag in ("", "-half") for i in range(2))
     assert "| ensemble | half | 2 |" in report and "| hard | generalist | 2 |" in report
-    assert f"Chosen on validation: lr = {lr:g}." in report
+    chosen_recipe = "lr 0.1" + (", soft targets 0.5 at T = 2" if weight else "")
+    assert f"Chosen on validation: {chosen_recipe}." in report
     before = {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")}
     study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
-                    temperatures=(1.0, 3.0), until=until, lrs=(0.02,))
+                    temperatures=(1.0, 3.0), until=until, recipes=(soft,))
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before

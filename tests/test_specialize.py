@@ -174,3 +174,57 @@ def test_a_specialists_epoch_can_be_sized_by_its_subset(setup):
     assert len(list(whole.epoch_batches())) == -(-len(splits.train_y) // SPEC.train.batch_size)
     assert len(list(subset.epoch_batches())) == -(-int(inside / 0.5) // SPEC.train.batch_size)
     assert len(list(subset.epoch_batches())) < len(list(whole.epoch_batches()))
+
+
+def _divergence(spec: SpecialistTrainer, blob: bytes, members: list[int]) -> float:
+    """Mean KL(generalist's probabilities, collapsed to the subset and a dustbin || specialist's)
+    on validation, the dustbins as trained."""
+    gen, _ = load_model(blob, CPU)
+    x = as_float(spec.val[0])
+    model = spec.model.eval()
+    spec.head.dustbin_offset.zero_()
+    with torch.no_grad():
+        p = F.softmax(gen(x), 1)
+        target = torch.cat([p[:, members], 1 - p[:, members].sum(1, keepdim=True)], 1)
+        return float(F.kl_div(F.log_softmax(model(x), 1), target, reduction="batchmean"))
+
+
+def test_soft_targets_are_the_generalists_collapsed_to_the_subset(setup):
+    """specialists.soft_weight: the loss is T^2 KL from the generalist's probabilities at T over
+    the subset's classes, the rest summed into the dustbin; 0 keeps the paper's hard labels."""
+    splits, blob = setup
+    members, t = [2, 5, 7], 2.0
+    cfg = dataclasses.replace(SPEC, soft_weight=1.0, soft_temperature=t)
+    spec = SpecialistTrainer("specialist-0", members, blob, cfg, splits, seed=1)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        spec.head.weight.add_(0.1 * torch.randn_like(spec.head.weight))  # not the generalist's
+    gen, _ = load_model(blob, CPU)
+    idx = torch.arange(32)
+    x = as_float(spec.x[idx])
+    spec.model.eval()  # no dropout: the same logits in both
+    spec.head.dustbin_offset.zero_()  # ... and no eval-time dustbin shift (training adds none)
+    with torch.no_grad():
+        loss = spec.loss_on(x, idx)
+        p = F.softmax(gen(x) / t, 1)
+        target = torch.cat([p[:, members], 1 - p[:, members].sum(1, keepdim=True)], 1)
+        log_q = F.log_softmax(spec.model(x) / t, 1)
+    want = t * t * F.kl_div(log_q, target, reduction="batchmean")
+    torch.testing.assert_close(loss, want)
+    hard = SpecialistTrainer("specialist-0", members, blob, SPEC, splits, seed=1)
+    assert hard.generalist is None  # no frozen copy when unused
+
+
+def test_soft_targets_keep_a_specialist_near_its_generalist(setup):
+    """Trained alike for 2 epochs, the specialist that also learns the generalist's soft targets
+    (half weight) stays nearer the generalist's predictions than the hard-label one."""
+    splits, blob = setup
+    members = [2, 5, 7]
+    drift = {}
+    for weight in (0.0, 0.5):
+        spec = SpecialistTrainer("specialist-0", members, blob,
+                                 dataclasses.replace(SPEC, soft_weight=weight), splits, seed=1)
+        for _ in range(2):
+            spec.train_epoch()
+        drift[weight] = _divergence(spec, blob, members)
+    assert drift[0.5] < 0.7 * drift[0.0], drift
