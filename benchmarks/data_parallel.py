@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import platform
 import statistics
 import subprocess
@@ -120,7 +121,17 @@ def bare(world: int, batch: int, group: bool, work: Path, samples: int = 40_000)
              for r in range(world)]
     for proc in procs:
         proc.start()
-    rates = [out.get() for _ in procs]
+    rates = []
+    while len(rates) < world:  # a rank that dies would leave a bare get() waiting forever
+        try:
+            rates.append(out.get(timeout=5))
+        except queue.Empty:
+            dead = [proc.exitcode for proc in procs if proc.exitcode not in (None, 0)]
+            if dead:
+                for proc in procs:
+                    proc.kill()
+                raise SystemExit(f"a bare process exited with code {dead[0]} before reporting "
+                                 "its rate") from None
     for proc in procs:
         proc.join()
     return min(rates) * world if group else sum(rates)
