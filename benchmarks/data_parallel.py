@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import platform
+import queue
 import statistics
 import subprocess
 import sys
@@ -130,8 +130,9 @@ def bare(world: int, batch: int, group: bool, work: Path, samples: int = 40_000)
             if dead:
                 for proc in procs:
                     proc.kill()
-                raise SystemExit(f"a bare process exited with code {dead[0]} before reporting "
-                                 "its rate") from None
+                    proc.join()
+                raise SystemExit(f"a bare process exited with code {dead[0]} before every "
+                                 "rank had reported its rate") from None
     for proc in procs:
         proc.join()
     return min(rates) * world if group else sum(rates)

@@ -204,16 +204,20 @@ def specialists_stage(base: dict, source: dict, k: int, changes: dict) -> tuple[
 
 def stage(folder: Path, name: str, raw: dict) -> Path:
     """The run `name` in `folder`: started from `raw` (a config mapping), or resumed if it
-    exists (a finished one only says so); SystemExit if it fails. In this process: on the Ray
-    it has started, if any (tests), else on a local Ray of the run's own."""
+    exists (a finished one only says so); SystemExit if it fails or was started from another
+    config. In this process: on the Ray it has started, if any (tests), else on a local Ray of
+    the run's own."""
     from ensemble.cli import main as ensemble
 
-    run = folder / name
+    run, config = folder / name, folder / f"{name}.yaml"
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if config.is_file() and config.read_text() != text:  # never resume another recipe's run
+        raise SystemExit(f"the study's run {name} was started from another config than the "
+                         f"study now asks for ({config}); move {run} and {config} away")
     if (run / "config.yaml").is_file():
         argv = ["run", "--resume", str(run)]
     else:
-        config = folder / f"{name}.yaml"
-        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        config.write_text(text)
         argv = ["run", str(config), "--run-dir", str(run)]
     print(f"== {name}", flush=True)
     code = ensemble(argv)

@@ -178,7 +178,10 @@ def model_hparams(cfg: RunConfig, spec) -> dict:
     """What TensorBoard's HParams view shows of one model: its layers and training recipe."""
     model, train, extra = cfg.generalists.model, cfg.generalists.train, {}
     if spec.role == "specialist":
-        train, extra = cfg.specialists.train, {"fraction": cfg.specialists.fraction}
+        spec_cfg = cfg.specialists
+        train, extra = spec_cfg.train, {"fraction": spec_cfg.fraction,
+                                        "soft_weight": spec_cfg.soft_weight,
+                                        "soft_temperature": spec_cfg.soft_temperature}
     elif spec.role == "student":
         student = cfg.students[spec.key.split(".", 1)[1]]
         model, train = student.model, student.train

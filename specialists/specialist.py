@@ -10,12 +10,16 @@
 - Correction: training on share f of subset examples when the data hold share pi shifts the
   dustbin's log-odds by log[(1-f)/f] - log[(1-pi)/pi]; adding log[f(1-pi) / (pi(1-f))] to the
   dustbin logit undoes it. (The paper's log(f/pi) forgets that the dustbin was undersampled.)
+- Soft targets (§6, optional): the generalist's logits collapsed the same way (the dustbin's,
+  the log-sum-exp of the rest's), moved to the sampled prior (the correction taken off), then
+  softened at T: so hard and soft terms aim at the same prior, which the correction undoes.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -79,3 +83,14 @@ def dustbin_offset(fraction: float, natural: float) -> float:
     if not (0 < fraction < 1 and 0 < natural < 1):
         raise ValueError(f"shares must lie in (0, 1), got f={fraction}, pi={natural}")
     return math.log(fraction * (1 - natural) / (natural * (1 - fraction)))
+
+
+def collapsed_soft_targets(logits: torch.Tensor, members: torch.Tensor, rest: torch.Tensor,
+                           temperature: float, offset: float | torch.Tensor) -> torch.Tensor:
+    """A generalist's soft targets for a specialist: logits (B, C) over all classes -> (B, K + 1)
+    probabilities at `temperature` over the subset (`members`, K indices) and the dustbin, whose
+    logit is the log-sum-exp of the `rest`'s ((C,) bool) less `offset` (dustbin_offset: from the
+    data's prior to the batches' enriched one). Collapsed before softening: the dustbin is one
+    class, not the sum of hundreds of softened ones."""
+    dustbin = torch.logsumexp(logits[:, rest], 1, keepdim=True) - offset
+    return F.softmax(torch.cat([logits[:, members], dustbin], 1) / temperature, 1)

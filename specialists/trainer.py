@@ -6,7 +6,6 @@ keep a specialist from overfitting its enriched, effectively small training set.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ensemble import checkpoint
@@ -16,7 +15,8 @@ from ensemble.distill import distillation_loss
 from ensemble.errors import TrainingError
 from ensemble.models import head_of, load_model, specialist_model
 from ensemble.train import Trainer
-from specialists.specialist import draw_batch, dustbin_offset, init_from_generalist, local_labels
+from specialists.specialist import (collapsed_soft_targets, draw_batch, dustbin_offset,
+                                    init_from_generalist, local_labels)
 
 
 class SpecialistTrainer(Trainer):
@@ -46,6 +46,8 @@ class SpecialistTrainer(Trainer):
         self._set_offset()
         self.soft_weight, self.soft_temperature = cfg.soft_weight, cfg.soft_temperature
         self.members_t, self.generalist = members_t, None
+        self.rest = torch.ones(self.full_classes, dtype=torch.bool, device=self.device)
+        self.rest[members_t] = False
         if self.soft_weight > 0:  # frozen: its soft targets of each (augmented) batch
             self.generalist = load_model(generalist, self.device)[0].requires_grad_(False)
 
@@ -71,13 +73,15 @@ class SpecialistTrainer(Trainer):
         self._set_offset()  # before the epoch's evaluation, which sees the corrected logits
 
     def loss_on(self, xb: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if self.generalist is None:  # the paper's specialists: hard labels only
+        """The paper's hard-label loss, or with soft_weight > 0 §2's mix of it and the
+        generalist's soft targets (specialists.specialist.collapsed_soft_targets)."""
+        if self.generalist is None:
             return super().loss_on(xb, idx)
         logits = self.forward(xb)
         with torch.no_grad():
-            p = F.softmax(self.generalist(xb).float() / self.soft_temperature, 1)
-            inside = p[:, self.members_t]
-            targets = torch.cat([inside, (1 - inside.sum(1, keepdim=True)).clamp_min(0)], 1)
+            targets = collapsed_soft_targets(self.generalist(xb).float(), self.members_t,
+                                             self.rest, self.soft_temperature,
+                                             self.head.dustbin_offset)
         return distillation_loss(logits, targets, self.y[idx], self.soft_temperature,
                                  self.soft_weight, self.cfg.label_smoothing)
 

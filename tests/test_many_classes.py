@@ -12,7 +12,6 @@ from ensemble import checkpoint
 from ensemble.config import load_config
 from tests.conftest import synthetic_digits
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +23,8 @@ def _study_module():
     return module
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_path):
     study = _study_module()
     parts = {}
@@ -100,3 +101,23 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
                     temperatures=(1.0, 3.0), until=until, recipes=(soft,))
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
+
+
+def test_recipes_name_their_runs_and_change_only_their_keys(tmp_path):
+    """A recipe's run: the base's specialists with its keys changed (lr in train), named by
+    them; a run folder started from another config is refused, not resumed."""
+    study = _study_module()
+    base = {"data": {"npz": "x.npz"}, "specialists": {"k": 2, "top_n": 1,
+                                                      "train": {"epochs": 3, "lr": 0.02}}}
+    source = {"from_run": "runs/gen"}
+    name, raw = study.specialists_stage(base, source, 8, {"lr": 0.005})
+    assert name == "k8-lr005" and raw["specialists"]["train"] == {"epochs": 3, "lr": 0.005}
+    assert raw["specialists"]["k"] == 8 and raw["generalists"] == source
+    name, raw = study.specialists_stage(base, source, 16, {"soft_weight": 0.5,
+                                                           "soft_temperature": 2.0})
+    assert name == "k16-soft5-t2" and raw["specialists"]["soft_weight"] == 0.5
+    assert raw["specialists"]["train"] == base["specialists"]["train"]
+    assert study.specialists_stage(base, source, 8, {})[0] == "k8"
+    (tmp_path / "k8.yaml").write_text(yaml.safe_dump({"name": "another"}))
+    with pytest.raises(SystemExit, match="started from another config"):
+        study.stage(tmp_path, "k8", study.specialists_stage(base, source, 8, {})[1])

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from specialists.specialist import (DustbinHead, draw_batch, dustbin_offset, init_from_generalist,
-                                    local_labels)
+from specialists.specialist import (DustbinHead, collapsed_soft_targets, draw_batch,
+                                    dustbin_offset, init_from_generalist, local_labels)
 
 
 def test_local_labels():
@@ -100,3 +100,25 @@ def test_dustbin_correction_off_leaves_the_dustbin_as_trained():
         q[corrected] = ens.predict(x)[1]
         assert float(model[0].dustbin_offset) == (2.0 if corrected else 0.0)
     assert q[False][0, 0] > q[True][0, 0] and q[False][0, 2] < q[True][0, 2]
+
+
+def test_collapsed_soft_targets():
+    """The generalist's probabilities over the subset and, in the dustbin, the rest's sum (T = 1),
+    softened as one distribution of K + 1 classes (not hundreds of softened ones summed), at the
+    prior the offset names."""
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(6, 40)
+    members = torch.tensor([1, 4, 7])
+    rest = torch.ones(40, dtype=torch.bool)
+    rest[members] = False
+    p = torch.softmax(logits, 1)
+    plain = collapsed_soft_targets(logits, members, rest, 1.0, 0.0)
+    torch.testing.assert_close(plain[:, :3], p[:, members])
+    torch.testing.assert_close(plain[:, 3], p[:, rest].sum(1))
+    soft = collapsed_soft_targets(logits, members, rest, 3.0, 0.0)
+    torch.testing.assert_close(soft, torch.softmax(plain.log() / 3.0, 1))
+    summed = torch.softmax(logits / 3.0, 1)[:, rest].sum(1)
+    assert (soft[:, 3] < summed).all()  # softening 37 classes apart would swell the dustbin
+    shifted = collapsed_soft_targets(logits, members, rest, 1.0, math.log(4.0))
+    odds, odds_before = shifted[:, 3] / shifted[:, 0], plain[:, 3] / plain[:, 0]
+    torch.testing.assert_close(odds, odds_before / 4.0)

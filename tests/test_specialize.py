@@ -17,6 +17,7 @@ from ensemble.teacher import evaluate_ensemble, load_teacher, teacher_outputs
 from ensemble.train import Trainer
 from specialists.combine import active_specialists, combine, spread
 from specialists.coordinator import coordinate
+from specialists.specialist import collapsed_soft_targets
 from specialists.trainer import SpecialistTrainer
 
 CPU = torch.device("cpu")
@@ -177,53 +178,53 @@ def test_a_specialists_epoch_can_be_sized_by_its_subset(setup):
 
 
 def _divergence(spec: SpecialistTrainer, blob: bytes, members: list[int]) -> float:
-    """Mean KL(generalist's probabilities, collapsed to the subset and a dustbin || specialist's)
-    on validation, the dustbins as trained."""
+    """Mean KL(generalist's probabilities collapsed to the subset and a dustbin || specialist's,
+    its dustbin corrected to the data's prior) on validation."""
     gen, _ = load_model(blob, CPU)
     x = as_float(spec.val[0])
-    model = spec.model.eval()
-    spec.head.dustbin_offset.zero_()
     with torch.no_grad():
-        p = F.softmax(gen(x), 1)
-        target = torch.cat([p[:, members], 1 - p[:, members].sum(1, keepdim=True)], 1)
-        return float(F.kl_div(F.log_softmax(model(x), 1), target, reduction="batchmean"))
+        target = collapsed_soft_targets(gen(x), torch.tensor(members), spec.rest.cpu(), 1.0, 0.0)
+        log_q = F.log_softmax(spec.model.eval()(x), 1)
+    return float(F.kl_div(log_q, target, reduction="batchmean"))
 
 
-def test_soft_targets_are_the_generalists_collapsed_to_the_subset(setup):
-    """specialists.soft_weight: the loss is T^2 KL from the generalist's probabilities at T over
-    the subset's classes, the rest summed into the dustbin; 0 keeps the paper's hard labels."""
+def test_soft_target_loss_is_on_the_collapsed_generalist(setup):
+    """specialists.soft_weight 1: the loss is T^2 KL(the generalist's soft targets, collapsed to
+    the subset and a dustbin at the batches' prior || the specialist's at T); 0 keeps the
+    paper's hard labels and loads no generalist."""
     splits, blob = setup
     members, t = [2, 5, 7], 2.0
     cfg = dataclasses.replace(SPEC, soft_weight=1.0, soft_temperature=t)
     spec = SpecialistTrainer("specialist-0", members, blob, cfg, splits, seed=1)
+    assert float(spec.head.dustbin_offset) > 0  # the prior shift is in the targets
     torch.manual_seed(0)
     with torch.no_grad():
         spec.head.weight.add_(0.1 * torch.randn_like(spec.head.weight))  # not the generalist's
+    for module in spec.model.modules():  # training mode (no eval-time dustbin shift) without
+        if isinstance(module, torch.nn.Dropout):  # dropout: the same logits in both
+            module.p = 0.0
     gen, _ = load_model(blob, CPU)
     idx = torch.arange(32)
     x = as_float(spec.x[idx])
-    spec.model.eval()  # no dropout: the same logits in both
-    spec.head.dustbin_offset.zero_()  # ... and no eval-time dustbin shift (training adds none)
     with torch.no_grad():
         loss = spec.loss_on(x, idx)
-        p = F.softmax(gen(x) / t, 1)
-        target = torch.cat([p[:, members], 1 - p[:, members].sum(1, keepdim=True)], 1)
-        log_q = F.log_softmax(spec.model(x) / t, 1)
-    want = t * t * F.kl_div(log_q, target, reduction="batchmean")
-    torch.testing.assert_close(loss, want)
+        target = collapsed_soft_targets(gen(x), torch.tensor(members), spec.rest,
+                                        t, spec.head.dustbin_offset)
+        log_q = F.log_softmax(spec.model.train()(x) / t, 1)
+    torch.testing.assert_close(loss, t * t * F.kl_div(log_q, target, reduction="batchmean"))
     hard = SpecialistTrainer("specialist-0", members, blob, SPEC, splits, seed=1)
-    assert hard.generalist is None  # no frozen copy when unused
+    assert hard.generalist is None
 
 
 def test_soft_targets_keep_a_specialist_near_its_generalist(setup):
     """Trained alike for 2 epochs, the specialist that also learns the generalist's soft targets
-    (half weight) stays nearer the generalist's predictions than the hard-label one."""
+    (half weight, T = 2) stays nearer the generalist's predictions than the hard-label one."""
     splits, blob = setup
     members = [2, 5, 7]
     drift = {}
     for weight in (0.0, 0.5):
-        spec = SpecialistTrainer("specialist-0", members, blob,
-                                 dataclasses.replace(SPEC, soft_weight=weight), splits, seed=1)
+        cfg = dataclasses.replace(SPEC, soft_weight=weight, soft_temperature=2.0)
+        spec = SpecialistTrainer("specialist-0", members, blob, cfg, splits, seed=1)
         for _ in range(2):
             spec.train_epoch()
         drift[weight] = _divergence(spec, blob, members)
