@@ -319,10 +319,11 @@ class SpecialistsConfig:
     #   a subset is a small share of the set, and its specialist starts from the generalist)
     top_n: int = 1  # §5.3: specialists covering the generalist's top-n classes are consulted
     soft_weight: float = 0.0  # §6, left untried there: > 0 also trains each specialist on its
-    #   generalist's soft targets (its subset's probabilities and the rest's sum, the dustbin's)
-    #   with this weight, the hard labels with 1 - this: kept near what the generalist knows
-    soft_temperature: float = 1.0  # ... at this temperature (the soft term times T^2, as §2's);
-    #   1: the generalist's probabilities as they are, the reading nearest §6's proposal
+    #   generalist's soft targets (its logits collapsed to the subset and a dustbin, the rest's
+    #   log-sum-exp, moved to the batches' prior) with this weight, the hard labels with 1 - this:
+    #   kept near what the generalist knows
+    soft_temperature: float = 1.0  # ... softened at this temperature (the soft term times T^2, as
+    #   §2's); 1: the generalist's probabilities at the batches' prior, nearest §6's proposal
     dustbin_correction: bool = True  # in eq. 5, each dustbin logit raised for the subset's
     #   oversampling (§5.1); off: as trained. On 12-pixel fonts, designs no model saw, the
     #   raised dustbins outvoted the generalist (`benchmarks/many_classes.py --diagnose`)

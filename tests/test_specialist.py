@@ -122,3 +122,5 @@ def test_collapsed_soft_targets():
     shifted = collapsed_soft_targets(logits, members, rest, 1.0, math.log(4.0))
     odds, odds_before = shifted[:, 3] / shifted[:, 0], plain[:, 3] / plain[:, 0]
     torch.testing.assert_close(odds, odds_before / 4.0)
+    both = collapsed_soft_targets(logits, members, rest, 3.0, math.log(4.0))
+    torch.testing.assert_close(both[:, 3] / both[:, 0], (soft[:, 3] / soft[:, 0]) / 4 ** (1 / 3))
