@@ -12,14 +12,14 @@ DIR, each from configs/many_classes/short.yaml's data and recipes, then writes i
    (`k8`, `k8-lr005`, `k8-soft5-t2` ...), the recipe chosen by eq. 5's validation errors; then
    with that recipe for each other k (`k16` ...; its suffix if not the base's); k chosen
    likewise;
-3. the equal-compute alternative: as many more generalists of that size as the chosen k's
-   specialists took CPU time, averaged (`equal`);
+3. the equal-compute alternative: the generalist and as many more of its recipe (seeds from
+   EQUAL_SEED) as the chosen k's specialists took its CPU time, averaged (`equal`: the more);
 4. one student of the generalist's size per teacher (the generalist; generalist + specialists
    at the chosen k, eq. 5) and temperature in TEMPERATURES; each teacher's T chosen on
    validation (`temperature`);
-5. students of the generalist's size and of half its widths, SEEDS seeds each: hard labels,
-   from the generalist, from generalist + specialists, at the chosen T (`students`); every
-   student trains until validation stalls (UNTIL).
+5. students of the generalist's size and of half its widths, SEEDS seeds each (none the seed
+   of a trial in 4): hard labels, from the generalist, from generalist + specialists, at the
+   chosen T (`students`); every student trains until validation stalls (UNTIL).
 The `temperature` and `students` runs take the chosen k's subsets and specialists over
 (specialists.from_run), as every run after the first takes the generalist (generalists.from_run).
 
@@ -165,6 +165,7 @@ SIZES = {"small": [32, 64, 128], "large": [48, 96, 192]}  # SmallCNN widths: abo
 KS = (8, 16, 32, 64)
 TEMPERATURES = (1.0, 2.0, 4.0)  # per teacher: eq. 5's q is already softer than the generalist's
 SEEDS = 3  # p (each specialist's dustbin spreads its share), so one T need not suit both
+EQUAL_SEED = 1  # the equal-compute generalists' first seed: the generalist itself has seed 0
 # how long generalists and students train: until validation stalls for `patience` epochs (with
 # the cosine schedule over `epochs`, validation still improves late: patience of a few epochs)
 UNTIL = {"generalists": {"epochs": 30, "patience": 5}, "students": {"epochs": 15, "patience": 4}}
@@ -253,16 +254,18 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
     for k in ks:
         runs[f"k{k}"] = first[best_trial] if k == ks[0] else specialists(k, trials[best_trial])
     k = min(ks, key=lambda k: _json(runs[f"k{k}"], "ensemble.json")["val"]["ensemble_errors"])
-    spent = _cpu_seconds(runs[f"k{k}"])
-    extra = round(spent["specialists"] / spent["generalist-0"])
-    chosen = yaml.safe_load((runs[f"gen-{best}"] / "config.yaml").read_text())["generalists"]
-    runs["equal"] = stage(folder, "equal", {"name": "many-equal", "data": base["data"],
-                                            "generalists": {**chosen, "count": 1 + extra}})
-    recipe = base["students"]["generalists"]
-    recipe = {**recipe, "train": {**recipe["train"], **until["students"]}}
+    extra = more_generalists(_cpu_seconds(runs[f"k{k}"]))
+    if extra:  # the generalist itself is the first of the ensemble: not trained again
+        chosen = yaml.safe_load((runs[f"gen-{best}"] / "config.yaml").read_text())["generalists"]
+        runs["equal"] = stage(folder, "equal", {"name": "many-equal", "seed": EQUAL_SEED,
+                                                "data": base["data"],
+                                                "generalists": {**chosen, "count": extra}})
+    recipe = base["students"]["generalists"]  # at the generalist's widths
+    recipe = {**recipe, "model": {**recipe["model"], "hidden": sizes[best]},
+              "train": {**recipe["train"], **until["students"]}}
     teachers = {"generalists": {}, "ensemble": {"soft_targets": "ensemble"}}
-    trial = {f"{kind}-T{t:g}": {**recipe, **extra, "temperature": t}
-             for kind, extra in teachers.items() for t in temperatures}
+    trial = {f"{kind}-T{t:g}": {**recipe, **teach, "temperature": t}
+             for kind, teach in teachers.items() for t in temperatures}
     chosen_k = {"from_run": str(runs[f"k{k}"])}  # its subsets and specialists, not retrained
     runs["temperature"] = stage(folder, "temperature", {
         "name": "many-temperature", "data": base["data"], "generalists": source,
@@ -274,13 +277,20 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
         for tag, widths in (("", sizes[best]), ("-half", [max(1, w // 2) for w in sizes[best]])):
             student = {**recipe, "model": {**recipe["model"], "hidden": widths}}
             students[f"hard{tag}-s{i}"] = {**student, "alpha": 0.0}
-            for kind, extra in teachers.items():
-                students[f"{kind}{tag}-s{i}"] = {**student, **extra,
+            for kind, teach in teachers.items():
+                students[f"{kind}{tag}-s{i}"] = {**student, **teach,
                                                  "temperature": chosen_t[kind]}
+    # student i of a run has seed `seed` + 1000 + i: past the temperature trials' seeds, so no
+    # student here repeats the trial that chose its T
     runs["students"] = stage(folder, "students", {
-        "name": "many-students", "data": base["data"], "generalists": source,
+        "name": "many-students", "seed": len(trial), "data": base["data"], "generalists": source,
         "specialists": chosen_k, "students": students})
     return runs
+
+
+def more_generalists(spent: dict[str, float]) -> int:
+    """How many more generalists the specialists' CPU-seconds would have trained (rounded)."""
+    return round(spent["specialists"] / spent["generalist-0"])
 
 
 def _json(run: Path, name: str) -> dict:
@@ -303,17 +313,18 @@ def _cpu_seconds(run: Path) -> dict[str, float]:
     return spent
 
 
-def averaged(run: Path, data_dir: str) -> dict[str, int]:
-    """Validation and test errors of the run's generalists with their probabilities averaged."""
+def averaged(runs: list[Path], data_dir: str) -> dict[str, int]:
+    """Validation and test errors of the generalists of `runs` (the same data) with their
+    probabilities averaged."""
     import torch
 
     from ensemble.data import load_splits, to_pixels
     from ensemble.teacher import load_teacher
 
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(runs[0] / "config.yaml")
     splits = load_splits(cfg.data, data_dir or None)
-    blobs = [checkpoint.load_latest(run / "checkpoints" / f"generalist-{i}")[0]
-             for i in range(cfg.generalists.count)]
+    blobs = [checkpoint.load_latest(run / "checkpoints" / f"generalist-{i}")[0] for run in runs
+             for i in range(load_config(run / "config.yaml").generalists.count)]
     teacher = load_teacher(blobs, torch.device("cpu"))
     out = {}
     for part, x, y in (("val", splits.val_x, splits.val_y), ("test", splits.test_x,
@@ -343,8 +354,10 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     lines = ["# Specialists on many classes", "",
              f"`python benchmarks/many_classes.py --study {runs[best].parent}`: every run in that "
              "folder. Choices on validation; test only reported.", "",
-             *data_section(cfg, runs[best], test_n), "Generalists (each trained until "
-             f"validation stalled for {cfg.generalists.train.patience} epochs):", ""]
+             *data_section(cfg, runs[best], test_n), "Generalists (each up to "
+             f"{cfg.generalists.train.epochs} epochs of a cosine schedule, stopped early once "
+             f"validation had not improved for {cfg.generalists.train.patience}; the epochs each "
+             "ran and its best):", ""]
     lines += MODELS
     for n in sizes:
         lines += model_rows(runs[n], ["generalist-0"], label=n)
@@ -377,28 +390,36 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
               *subsets_section(runs[k], class_names(cfg)), *t3, *t4,
               *diagnosis(runs[k], data_dir), ""]
     spent = _cpu_seconds(runs[k])
-    equal = averaged(runs["equal"], data_dir)
-    count = load_config(runs["equal"] / "config.yaml").generalists.count
+    more = [runs["equal"]] if "equal" in runs else []
+    equal = averaged([runs[best], *more], data_dir)
+    n = sum(load_config(r / "config.yaml").generalists.count for r in more)
     lines += [f"The same compute on more generalists: the chosen k's specialists trained "
               f"{spent['specialists']:,.0f} CPU-seconds, the generalist "
-              f"{spent['generalist-0']:,.0f}, so "
-              f"{count} generalists averaged: {equal['val']:,} validation and {equal['test']:,} "
-              f"test errors, against {ens['test']['ensemble_errors']:,} test errors with the "
-              "specialists.", ""]
+              f"{spent['generalist-0']:,.0f} ({spent['specialists'] / spent['generalist-0']:.2f} "
+              "times as many), so the ensemble of equal compute is the generalist "
+              + (f"and {n} more of its recipe (seeds {EQUAL_SEED} to {EQUAL_SEED + n - 1}), "
+                 "their probabilities averaged" if n else
+                 "alone (the specialists took less than half its time)")
+              + f": {equal['val']:,} validation and {equal['test']:,} test errors, against "
+              f"{ens['val']['ensemble_errors']:,} and {ens['test']['ensemble_errors']:,} with "
+              "the specialists.", ""]
     trial = sorted(p.name for p in (runs["temperature"] / "checkpoints").iterdir()
                    if p.name.startswith("student-"))
     lines += ["Students' temperature, one seed each (chosen on validation per teacher):", "",
               *MODELS, *model_rows(runs["temperature"], trial), ""]
     kinds = {}
-    for name in sorted(p.name for p in (runs["students"] / "checkpoints").iterdir()):
+    for name in sorted((p.name for p in (runs["students"] / "checkpoints").iterdir()),
+                       key=_natural):
         if name.startswith("student-"):
             kind = name[len("student-"):].rsplit("-s", 1)[0]
             kinds.setdefault(kind, []).append(summary(runs["students"], name)["test_errors"])
     lines += ["Students (test errors over seeds, mean +- sd; half: half the generalist's widths):",
-              "", "| taught by | size | seeds | test errors |", "|---|---|---:|---:|"]
+              "", "| taught by | size | seeds | test errors | each seed |",
+              "|---|---|---:|---:|---|"]
     lines += [f"| {kind.split('-')[0]} | {'half' if kind.endswith('-half') else 'generalist'} | "
               f"{len(v)} | {statistics.mean(v):,.1f} +- "
-              f"{statistics.stdev(v) if len(v) > 1 else 0:.1f} |" for kind, v in kinds.items()]
+              f"{statistics.stdev(v) if len(v) > 1 else 0:.1f} | "
+              f"{', '.join(f'{e:,}' for e in v)} |" for kind, v in kinds.items()]
     student = (statistics.mean(kinds["generalists"]) - statistics.mean(kinds["ensemble"])) / \
         statistics.mean(kinds["generalists"])
     lines += ["", f"specialists_test_error_reduction: {reduction:.3f}",

@@ -25,8 +25,12 @@ def _study_module():
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_path):
+def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_path,
+                                                              monkeypatch):
     study = _study_module()
+    # the equal-compute stage trains as many more generalists as the specialists' CPU time
+    # would have: timings, so fixed here at one
+    monkeypatch.setattr(study, "more_generalists", lambda spent: 1)
     parts = {}
     for part, n, seed in (("train", 900, 0), ("val", 300, 1), ("test", 300, 2)):
         x, y = synthetic_digits(n, seed, size=8, classes=12)
@@ -60,7 +64,7 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     assert (meta["soft_weight"], meta["soft_temperature"]) == (0.5, 2.0)  # trained so
     val = {n: study.summary(runs[n], "generalist-0")["val_errors"] for n in ("gen-small",
                                                                            "gen-large")}
-    chosen = min(val, key=val.get)
+    chosen = chosen_gen = min(val, key=val.get)
     assert yaml.safe_load((folder / "gen-small.yaml").read_text())["generalists"]["train"][
         "epochs"] == 4  # the study's own length, not the base config's
     assert f"from_run: {runs[chosen]}" in (folder / "k2.yaml").read_text()
@@ -94,6 +98,23 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     assert students == sorted(f"student-{kind}{tag}-s{i}" for kind in ("ensemble", "generalists",
                                                                      "hard")
                               for tag in ("", "-half") for i in range(2))
+
+    def seeds(run):
+        return {checkpoint.read_meta(checkpoint.load_latest(p)[0])["seed"]
+                for p in (run / "checkpoints").iterdir() if p.name.startswith("student-")}
+    assert not seeds(runs["temperature"]) & seeds(runs["students"])  # no trial trained again
+    widths = [24] if chosen_gen == "gen-large" else [8]
+    trials = yaml.safe_load((folder / "temperature.yaml").read_text())["students"]
+    assert all(s["model"]["hidden"] == widths for s in trials.values())  # the generalist's
+    # the equal-compute ensemble: the generalist and one more of its recipe at another seed
+    extra = checkpoint.load_latest(runs["equal"] / "checkpoints" / "generalist-0")[0]
+    assert checkpoint.read_meta(extra)["seed"] == study.EQUAL_SEED != 0
+    assert not (runs["equal"] / "checkpoints" / "generalist-1").exists()
+    both = study.averaged([runs[chosen_gen], runs["equal"]], "")
+    assert f"the generalist and 1 more of its recipe (seeds 1 to 1), their probabilities " \
+        f"averaged: {both['val']:,} validation and {both['test']:,} test errors" in report
+    alone = study.study_report({n: r for n, r in runs.items() if n != "equal"}, "")
+    assert "the ensemble of equal compute is the generalist alone" in alone
     assert "| ensemble | half | 2 |" in report and "| hard | generalist | 2 |" in report
     chosen_recipe = "lr 0.1" + (", soft targets 0.5 at T = 2" if weight else "")
     assert f"Chosen on validation: {chosen_recipe}." in report
