@@ -83,6 +83,15 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     gen_all, gen_subset, _ = (int(v.replace(",", "")) for v in totals.groups())
     assert gen_subset <= gen_all  # among the subset's classes only: never more errors
     assert found.count("| 1 | yes |") == found.count("| 3 | no |") == 1
+    # the same on training images: the subsets' examples, and rates that can be compared
+    seen = re.search(r"\| training \| ([\d,]+) \| ([\d.]+) % \| ([\d.]+) % \| ([\d.]+) % \|",
+                     found)
+    assert int(seen.group(1).replace(",", "")) > 0
+    assert float(seen.group(3)) <= float(seen.group(2))  # among fewer classes: never worse
+    fit = {n: study.fit_errors(runs[n], "") for n in ("gen-small", "gen-large")}
+    assert fit["gen-small"]["images"] == 300 and (
+        f"gen-large {fit['gen-large']['train']:.2f} % and {fit['gen-large']['val']:.2f} %"
+        in report)
     values = dict(line.split(": ", 1) for line in report.splitlines()[-5:])
     assert set(values) == {"specialists_test_error_reduction", "specialists_relative_accuracy_gain",
                            "table4_nondecreasing_share",
@@ -122,6 +131,14 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
                     temperatures=(1.0, 3.0), until=until, recipes=(soft,))
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
+
+
+def test_sizes_on_the_command_line():
+    study = _study_module()
+    assert study.size_arg("narrow=16,32,64") == ("narrow", [16, 32, 64])
+    for bad in ("narrow", "narrow=16,x", "narrow=0,8", "a b=8", "=8"):
+        with pytest.raises(Exception, match="is not NAME=W1,W2"):
+            study.size_arg(bad)
 
 
 def test_recipes_name_their_runs_and_change_only_their_keys(tmp_path):
