@@ -14,7 +14,8 @@ DIR, each from configs/many_classes/short.yaml's data and recipes, then writes i
    with that recipe for each other k (`k16` ...; its suffix if not the base's); k chosen
    likewise;
 3. the equal-compute alternative: the generalist and as many more of its recipe (seeds from
-   EQUAL_SEED) as the chosen k's specialists took its CPU time, averaged (`equal`: the more);
+   EQUAL_SEED) as the chosen k's specialists took its CPU time, averaged (`equal` trains the
+   extra generalists only, none if the specialists took less than half its time);
 4. one student of the generalist's size per teacher (the generalist; generalist + specialists
    at the chosen k, eq. 5) and temperature in TEMPERATURES; each teacher's T chosen on
    validation (`temperature`);
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -162,11 +164,12 @@ def equal_compute(run: Path, ens: dict, other: Path | None) -> str:
     return f"{(theirs - ens['test']['ensemble_errors']) / theirs:.3f}"
 
 
-# SmallCNN widths where capacity is the limit, as it was for the paper's JFT model: the study's
-# report gives each generalist's error rate on training images beside validation's. With
-# --sizes small=32,64,128 large=48,96,192 the larger won and erred on 0.5 % of its training
-# images against 3.8 % of validation (results/many_classes_study_k8_soft9_t2.md): its errors
-# were a typeface shift, not capacity, and no specialists' recipe tried helped it
+# SmallCNN widths kept small on purpose, so that capacity limits the generalist as compute
+# limited the paper's JFT model (the study's report gives each generalist's error rate on its
+# training images beside validation's). With --sizes small=32,64,128 large=48,96,192 the larger
+# won and erred on 0.5 % of its training images against 3.8 % of validation
+# (results/many_classes_study_k8_soft9_t2.md): its errors were a gap to unseen typefaces, not a
+# failure to fit, and none of the specialists' recipes run on it helped
 SIZES = {"narrower": [12, 24, 48], "narrow": [16, 32, 64]}
 KS = (8, 16, 32, 64)
 TEMPERATURES = (1.0, 2.0, 4.0)  # per teacher: eq. 5's q is already softer than the generalist's
@@ -176,13 +179,16 @@ EQUAL_SEED = 1  # the equal-compute generalists' first seed: the generalist itse
 # the cosine schedule over `epochs`, validation still improves late: patience of a few epochs)
 UNTIL = {"generalists": {"epochs": 30, "patience": 5}, "students": {"epochs": 15, "patience": 4}}
 # the specialists' recipes tried at the first k besides the base config's, each the base with
-# these keys changed: from the converged generalist, the short run's recipe left them behind it
-# within their own subsets on unseen typefaces, so gentler learning rates, and §6's soft targets
-# from the generalist (specialists.soft_weight at soft_temperature), proposed there against
-# a specialist's overfitting and left untried
-RECIPES = ({"lr": 0.005}, {"lr": 0.001}, {"soft_weight": 0.5, "soft_temperature": 2.0},
+# these keys changed: from the converged wide generalist, the short run's recipe left them
+# behind it within their own subsets on unseen typefaces, so gentler learning rates, and §6's
+# soft targets from the generalist (specialists.soft_weight at soft_temperature), proposed there
+# against a specialist's overfitting and left untried; from the capacity-bound generalist the
+# gentler rates did worse (they fit less), so a brisker rate and three times the epochs too
+RECIPES = ({"lr": 0.005}, {"lr": 0.001}, {"lr": 0.05}, {"epochs": 30},
+           {"soft_weight": 0.5, "soft_temperature": 2.0},
            {"soft_weight": 0.9, "soft_temperature": 2.0})
-SHORT = {"lr": "lr", "soft_weight": "soft", "soft_temperature": "t"}  # run-name tags
+TRAIN_KEYS = ("lr", "epochs")  # recipe keys of specialists.train; the others are the section's
+SHORT = {"lr": "lr", "epochs": "ep", "soft_weight": "soft", "soft_temperature": "t"}  # run names
 
 
 def recipe_tag(changes: dict) -> str:
@@ -192,18 +198,20 @@ def recipe_tag(changes: dict) -> str:
 
 
 def recipe_text(spec) -> str:
-    """A specialists section's recipe in words: "lr 0.02, soft targets 0.5 at T = 2"."""
+    """A specialists section's recipe in words: "lr 0.02, 10 epochs, soft targets 0.5 at T = 2"."""
     soft = f", soft targets {spec.soft_weight:g} at T = {spec.soft_temperature:g}" \
         if spec.soft_weight else ""
-    return f"lr {spec.train.lr:g}{soft}"
+    epochs = spec.train.epochs
+    return f"lr {spec.train.lr:g}, {epochs} epoch{'s' * (epochs != 1)}{soft}"
 
 
 def specialists_stage(base: dict, source: dict, k: int, changes: dict) -> tuple[str, dict]:
     """The run name and config of specialists at k from the generalist run `source`, with the
-    base config's specialists recipe and `changes` (train.lr, or keys of the section)."""
+    base config's specialists recipe and `changes` (TRAIN_KEYS of its train, or keys of the
+    section)."""
     spec = base["specialists"]
-    train = {**spec["train"], **{key: v for key, v in changes.items() if key == "lr"}}
-    rest = {key: v for key, v in changes.items() if key != "lr"}
+    train = {**spec["train"], **{key: v for key, v in changes.items() if key in TRAIN_KEYS}}
+    rest = {key: v for key, v in changes.items() if key not in TRAIN_KEYS}
     name = f"k{k}{recipe_tag(changes)}"
     return name, {"name": f"many-{name}", "data": base["data"], "generalists": source,
                   "specialists": {**spec, **rest, "k": k, "train": train}}
@@ -295,8 +303,9 @@ def plan_runs(folder: Path, base: dict, sizes=SIZES, ks=KS, seeds=SEEDS,
 
 
 def more_generalists(spent: dict[str, float]) -> int:
-    """How many more generalists the specialists' CPU-seconds would have trained (rounded)."""
-    return round(spent["specialists"] / spent["generalist-0"])
+    """How many more generalists the specialists' CPU-seconds would have trained (rounded, a
+    half up)."""
+    return math.floor(spent["specialists"] / spent["generalist-0"] + 0.5)
 
 
 def spread(splits, n: int):
@@ -309,8 +318,8 @@ def spread(splits, n: int):
 
 def fit_errors(run: Path, data_dir: str) -> dict:
     """The run's generalist-0's error rates (%) on as many training images, spread over the
-    split, as validation has ('train'), and on validation ('val'): how far capacity, not the
-    typeface shift, limits it."""
+    split, as validation has ('train'), and on validation ('val'): whether it fails to fit the
+    images it trained on, or mainly those of typefaces it never saw."""
     import torch
 
     from ensemble.data import load_splits, to_pixels
@@ -605,6 +614,8 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true",
                         help="--run: add why specialists helped or not (loads the data)")
     args = parser.parse_args()
+    if len({name for name, _ in args.sizes}) < len(args.sizes):
+        parser.error("--sizes names each size once")
     args.sizes = dict(args.sizes)
     if args.study:
         study(Path(args.study), args)
@@ -627,7 +638,10 @@ def main() -> None:
             f"Run `{run}` of `{cfg.name}` ({spec_keys(cfg.specialists)}; "
             f"{recipe_text(cfg.specialists)}; fixed in advance, not "
             "chosen on validation). `python benchmarks/many_classes.py --run " + str(run)
-            + (" --diagnose" if args.diagnose else "") + "`.",
+            + (" --diagnose" if args.diagnose else "") + "`. The generalist: "
+            f"{cfg.generalists.model.kind}, widths {tuple(cfg.generalists.model.hidden)}"
+            + (f", taken over from `{cfg.generalists.from_run}`" if cfg.generalists.from_run
+               else "") + ".",
             "", *data_section(cfg, run, test_n), *MODELS, *model_rows(run, names), "",
             f"The run took {_json(run, 'metrics.json')['timings']['total']:,.0f} s end to end "
             "(its summary.md says where). "

@@ -10,6 +10,7 @@ import yaml
 
 from ensemble import checkpoint
 from ensemble.config import load_config
+from ensemble.data import load_splits
 from tests.conftest import synthetic_digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,15 +84,25 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     gen_all, gen_subset, _ = (int(v.replace(",", "")) for v in totals.groups())
     assert gen_subset <= gen_all  # among the subset's classes only: never more errors
     assert found.count("| 1 | yes |") == found.count("| 3 | no |") == 1
-    # the same on training images: the subsets' examples, and rates that can be compared
-    seen = re.search(r"\| training \| ([\d,]+) \| ([\d.]+) % \| ([\d.]+) % \| ([\d.]+) % \|",
-                     found)
-    assert int(seen.group(1).replace(",", "")) > 0
-    assert float(seen.group(3)) <= float(seen.group(2))  # among fewer classes: never worse
+    # the same as rates, on validation (the totals above) and on training images spread over
+    # the training split: as many, each counted once per subset holding its class
+    rows = {part: re.search(rf"\| {part} \| ([\d,]+) \| ([\d.]+) % \| ([\d.]+) % \| "
+                            r"([\d.]+) % \|", found).groups() for part in ("training", "validation")}
+    images = int(rows["validation"][0].replace(",", ""))
+    for rate, errors in zip(rows["validation"][1:], totals.groups()):
+        assert abs(float(rate) - 100 * int(errors.replace(",", "")) / images) < 0.006
+    cfg = load_config(k / "config.yaml")
+    _, y = study.spread(load_splits(cfg.data, None), 300)
+    members = study._json(k, "subsets.json")["subsets"]
+    assert int(rows["training"][0].replace(",", "")) == sum(int(np.isin(y, m).sum())
+                                                            for m in members)
     fit = {n: study.fit_errors(runs[n], "") for n in ("gen-small", "gen-large")}
-    assert fit["gen-small"]["images"] == 300 and (
-        f"gen-large {fit['gen-large']['train']:.2f} % and {fit['gen-large']['val']:.2f} %"
-        in report)
+    for n, e in fit.items():  # validation: the generalist's own count; training: other images
+        assert e["images"] == 300
+        assert abs(e["val"] - 100 * study.summary(runs[n], "generalist-0")["val_errors"] / 300) \
+            < 1e-9
+    assert f"gen-large {fit['gen-large']['train']:.2f} % and {fit['gen-large']['val']:.2f} %" \
+        in report
     values = dict(line.split(": ", 1) for line in report.splitlines()[-5:])
     assert set(values) == {"specialists_test_error_reduction", "specialists_relative_accuracy_gain",
                            "table4_nondecreasing_share",
@@ -125,17 +136,21 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     alone = study.study_report({n: r for n, r in runs.items() if n != "equal"}, "")
     assert "the ensemble of equal compute is the generalist alone" in alone
     assert "| ensemble | half | 2 |" in report and "| hard | generalist | 2 |" in report
-    chosen_recipe = "lr 0.1" + (", soft targets 0.5 at T = 2" if weight else "")
+    chosen_recipe = "lr 0.1, 1 epoch" + (", soft targets 0.5 at T = 2" if weight else "")
     assert f"Chosen on validation: {chosen_recipe}." in report
     before = {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")}
-    study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
-                    temperatures=(1.0, 3.0), until=until, recipes=(soft,))
+    # run again: every stage resumes, none trains; with no extra generalist due, no equal stage
+    monkeypatch.setattr(study, "more_generalists", lambda spent: 0)
+    again = study.plan_runs(folder, base, sizes={"small": [8], "large": [24]}, ks=(2, 3), seeds=2,
+                            temperatures=(1.0, 3.0), until=until, recipes=(soft,))
+    assert "equal" not in again and set(again) == set(runs) - {"equal"}
     assert {p: p.stat().st_mtime for p in folder.rglob("*.safetensors")} == before
 
 
 def test_sizes_on_the_command_line():
     study = _study_module()
     assert study.size_arg("narrow=16,32,64") == ("narrow", [16, 32, 64])
+    assert dict(map(study.size_arg, study.size_text(study.SIZES))) == study.SIZES
     for bad in ("narrow", "narrow=16,x", "narrow=0,8", "a b=8", "=8"):
         with pytest.raises(Exception, match="is not NAME=W1,W2"):
             study.size_arg(bad)
@@ -150,6 +165,8 @@ def test_recipes_name_their_runs_and_change_only_their_keys(tmp_path):
     source = {"from_run": "runs/gen"}
     name, raw = study.specialists_stage(base, source, 8, {"lr": 0.005})
     assert name == "k8-lr005" and raw["specialists"]["train"] == {"epochs": 3, "lr": 0.005}
+    name, raw = study.specialists_stage(base, source, 8, {"epochs": 30})
+    assert name == "k8-ep30" and raw["specialists"]["train"] == {"epochs": 30, "lr": 0.02}
     assert raw["specialists"]["k"] == 8 and raw["generalists"] == source
     name, raw = study.specialists_stage(base, source, 16, {"soft_weight": 0.5,
                                                            "soft_temperature": 2.0})
