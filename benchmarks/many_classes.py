@@ -4,6 +4,8 @@
                                       [--out results/many_classes_short.md]
     python benchmarks/many_classes.py --study runs/many-cap [--sizes NAME=W1,W2,... ...]
                                       [--out results/many_classes.md]
+    python benchmarks/many_classes.py --study runs/many-cap --so-far
+                                      [--out results/many_classes_so_far.md]
 
 --study runs (or resumes: run it again after any stop) the whole study as `ensemble run`s in
 DIR, each from configs/many_classes/short.yaml's data and recipes, then writes its results:
@@ -387,6 +389,37 @@ def study(folder: Path, args) -> None:
     print(text)
 
 
+def so_far(folder: Path, data_dir: str) -> str:
+    """The study's finished runs in `folder`, while it goes on: each generalist (and its error
+    rates on training images and validation) and each specialists run's eq. 5 errors."""
+    lines = ["# Specialists on many classes: the study so far", "",
+             f"`python benchmarks/many_classes.py --study {folder} --so-far`: the runs finished in "
+             "that folder; the study goes on (run it again to resume). Choices on validation; "
+             "test only reported.", "", "Generalists:", "", *MODELS]
+    gens = [p for p in sorted(folder.glob("gen-*")) if p.is_dir() and
+            (p / "metrics.json").is_file()]
+    for run in gens:
+        lines += model_rows(run, ["generalist-0"], label=run.name)
+    lines += ["", "Error rates on training images spread over the training split and on "
+              "validation: " + "; ".join(f"{run.name} {e['train']:.2f} % and {e['val']:.2f} %"
+                                         for run in gens
+                                         for e in [fit_errors(run, data_dir)]) + ".", "",
+              "Specialists (eq. 5; the generalist each took over in parentheses):", "",
+              "| run | k | recipe | subset sizes | val errors: generalist, with specialists | "
+              "test errors: generalist, with specialists |", "|---|---:|---|---|---:|---:|"]
+    for run in sorted((p for p in folder.glob("k*") if (p / "ensemble.json").is_file()),
+                      key=lambda p: _natural(p.name.split("-")[0]) + (p.name,)):
+        cfg = load_config(run / "config.yaml")
+        e = _json(run, "ensemble.json")
+        sizes = [len(m) for m in _json(run, "subsets.json")["subsets"]]
+        lines.append(f"| {run.name} ({Path(cfg.generalists.from_run).name}) | "
+                     f"{cfg.specialists.k} | {recipe_text(cfg.specialists)} | "
+                     f"{min(sizes)} to {max(sizes)} | {e['val']['generalist_errors']:,}, "
+                     f"{e['val']['ensemble_errors']:,} | {e['test']['generalist_errors']:,}, "
+                     f"{e['test']['ensemble_errors']:,} |")
+    return "\n".join(lines + [""])
+
+
 def study_report(runs: dict[str, Path], data_dir: str) -> str:
     sizes = [n for n in runs if n.startswith("gen-")]
     best = min(sizes, key=lambda n: summary(runs[n], "generalist-0")["val_errors"])
@@ -611,12 +644,19 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=size_arg, default=list(SIZES.items()),
                         metavar="NAME=W1,W2,...", help="--study: the generalists' sizes tried "
                         f"(SmallCNN widths; default {' '.join(size_text(SIZES))})")
+    parser.add_argument("--so-far", action="store_true",
+                        help="--study: report the runs finished so far; start none")
     parser.add_argument("--diagnose", action="store_true",
                         help="--run: add why specialists helped or not (loads the data)")
     args = parser.parse_args()
     if len({name for name, _ in args.sizes}) < len(args.sizes):
         parser.error("--sizes names each size once")
     args.sizes = dict(args.sizes)
+    if args.study and args.so_far:
+        text = so_far(Path(args.study), args.data_dir)
+        Path(args.out or ROOT / "results" / "many_classes_so_far.md").write_text(text)
+        print(text)
+        return
     if args.study:
         study(Path(args.study), args)
         return

@@ -70,6 +70,13 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
         "epochs"] == 4  # the study's own length, not the base config's
     assert f"from_run: {runs[chosen]}" in (folder / "k2.yaml").read_text()
     report = study.study_report(runs, "")
+    partial = study.so_far(folder, "")  # --so-far: every finished run, as it stands
+    for name in {runs[n].name for n in ("recipe-base", "recipe-soft5-t2", "k3")}:
+        e = study._json(folder / name, "ensemble.json")
+        assert f"| {e['val']['generalist_errors']:,}, {e['val']['ensemble_errors']:,} | " \
+            f"{e['test']['generalist_errors']:,}, {e['test']['ensemble_errors']:,} |" in \
+            next(line for line in partial.splitlines() if line.startswith(f"| {name} ("))
+    assert "| gen-small |" in partial and "| gen-large |" in partial
     ks = {k: study._json(runs[k], "ensemble.json")["val"]["ensemble_errors"]
           for k in ("k2", "k3")}
     assert f"Chosen on validation: k = {min(ks, key=ks.get)[1:]}." in report
