@@ -653,6 +653,13 @@ def main() -> None:
     if len({name for name, _ in args.sizes}) < len(args.sizes):
         parser.error("--sizes names each size once")
     args.sizes = dict(args.sizes)
+    if bool(args.run) == bool(args.study):
+        parser.error("give one of --run RUN and --study DIR")
+    if args.so_far and not (args.study and list(Path(args.study).glob("gen-*/metrics.json"))):
+        parser.error("--so-far reports a study's finished runs: give --study DIR, a folder "
+                     "where a study has finished a generalist")
+    if args.run and not (Path(args.run) / "ensemble.json").is_file():
+        parser.error(f"{args.run} is not a finished run with specialists (no ensemble.json)")
     if args.study and args.so_far:
         text = so_far(Path(args.study), args.data_dir)
         Path(args.out or ROOT / "results" / "many_classes_so_far.md").write_text(text)

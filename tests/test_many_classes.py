@@ -2,6 +2,8 @@
 a rerun resumes instead of training again, and each choice follows validation."""
 import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +163,18 @@ def test_sizes_on_the_command_line():
     for bad in ("narrow", "narrow=16,x", "narrow=0,8", "a b=8", "=8"):
         with pytest.raises(Exception, match="is not NAME=W1,W2"):
             study.size_arg(bad)
+
+
+def test_bad_command_lines_are_refused_in_one_sentence(tmp_path):
+    """Before anything is read or written: no traceback, exit 2, no results file."""
+    out = tmp_path / "out.md"
+    for argv in ([], ["--so-far"], ["--study", str(tmp_path), "--so-far"],
+                 ["--run", str(tmp_path)], ["--study", str(tmp_path), "--sizes", "a=8", "a=16"]):
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "many_classes.py"),
+                               *argv, "--out", str(out)], capture_output=True, text=True)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, argv
+        assert done.stderr.strip().splitlines()[-1].startswith("many_classes.py: error: ")
+        assert not out.exists()
 
 
 def test_recipes_name_their_runs_and_change_only_their_keys(tmp_path):
