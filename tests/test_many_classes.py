@@ -197,3 +197,28 @@ def test_recipes_name_their_runs_and_change_only_their_keys(tmp_path):
     (tmp_path / "k8.yaml").write_text(yaml.safe_dump({"name": "another"}))
     with pytest.raises(SystemExit, match="started from another config"):
         study.stage(tmp_path, "k8", study.specialists_stage(base, source, 8, {})[1])
+
+
+def test_targets_say_met_or_by_how_much_they_were_missed():
+    study = _study_module()
+    ens = {"test": {"generalist_errors": 1000, "ensemble_errors": 950}}
+    kinds = {"ensemble": [90, 92, 94], "generalists": [100, 100, 100]}
+    within = {"training": [200, 20, 10, 12], "validation": [100, 20, 10, 8]}
+    spent = {"specialists": 300.0, "generalist-0": 100.0}
+    lines = study.targets(ens, "0.75", {"test": 940}, spent, kinds, within)
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith("| ")}
+    assert rows["specialists cut the generalist's test errors"].endswith(
+        "| +5.0 % (1,000 -> 950) | missed by 5.0 points |")
+    assert rows["gains do not fall with coverage (Table 4)"].endswith("| 0.75 | missed by 0.05 |")
+    assert rows["ahead of the equal-compute ensemble"].endswith(
+        "| 950 against 940 | missed by 11 errors |")
+    assert rows["student of generalist + specialists ahead of the generalists' (3 seeds, the "
+                "generalist's size)"].endswith("| 92.0 +- 2.0 against 100.0 +- 0.0 | met |")
+    why = next(line for line in lines if line.startswith("Why"))
+    assert "err on 6.00 % of training images (the generalist, among the same classes: 5.00 %) " \
+        "and 8.00 % of validation's (10.00 %)" in why and "3.00 times" in why
+    ens["test"]["ensemble_errors"] = 880
+    met = "\n".join(study.targets(ens, "n/a (only 3 covered bins with >= 100 examples)",
+                                  {"test": 881}, spent, kinds, {}))
+    assert "| +12.0 % (1,000 -> 880) | met |" in met and "Why" not in met
+    assert "| missed by too few bins |" in met and "| 880 against 881 | met |" in met
