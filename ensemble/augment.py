@@ -20,28 +20,39 @@ import torch.nn.functional as F
 from ensemble.config import augment_steps
 
 
-def augment(x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A training batch x (B,C,H,W, float) through `cfg.augment`'s steps (cfg: a TrainConfig)."""
+def augment(x: torch.Tensor, cfg, generator: torch.Generator | None = None,
+            part: tuple[int, slice] | None = None) -> torch.Tensor:
+    """A training batch x (B,C,H,W, float) through `cfg.augment`'s steps (cfg: a TrainConfig).
+    `part=(n, rows)`: x holds only `rows` of a batch of n images, and gets exactly what they would
+    get in the whole batch (a data-parallel rank augments its share alone): every step draws for
+    all n, so the generator moves on as for the whole batch, and uses the draws of `rows`."""
     for name, args in augment_steps(cfg.augment):
         if name == "flip":
-            x = flip(x, generator)
+            x = flip(x, generator, part)
         elif name == "translate":
-            x = shift(x, int(args[0]), generator)
+            x = shift(x, int(args[0]), generator, part=part)
         elif name == "crop":
-            x = shift(x, int(args[0]), generator, padding="reflect")
+            x = shift(x, int(args[0]), generator, padding="reflect", part=part)
         else:
-            x = distort(x, args[0], args[1], generator)
+            x = distort(x, args[0], args[1], generator, part)
     return x
 
 
-def flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def _of_part(draws: torch.Tensor, part: tuple[int, slice] | None) -> torch.Tensor:
+    """The draws (n, ...) made for a whole batch: those of the part's rows."""
+    return draws if part is None else draws[part[1]]
+
+
+def flip(x: torch.Tensor, generator: torch.Generator | None = None,
+         part: tuple[int, slice] | None = None) -> torch.Tensor:
     """Each image of x (B,C,H,W) mirrored left-right with probability 1/2."""
-    mirror = torch.rand(len(x), device=x.device, generator=generator) < 0.5
+    n = part[0] if part else len(x)
+    mirror = _of_part(torch.rand(n, device=x.device, generator=generator), part) < 0.5
     return torch.where(mirror[:, None, None, None], x.flip(3), x)
 
 
 def shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
-          padding: str = "constant") -> torch.Tensor:
+          padding: str = "constant", part: tuple[int, slice] | None = None) -> torch.Tensor:
     """Each image of x (B,C,H,W) padded by `max_shift` pixels (zeros, or `padding="reflect"`)
     and cropped back to H x W at its own random offset: a shift by (dy, dx) in
     [-max_shift, max_shift]². One gather on x's device."""
@@ -50,7 +61,8 @@ def shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = N
     b, c, h, w = x.shape
     s, dev = max_shift, x.device
     hp, wp = h + 2 * s, w + 2 * s
-    shifts = torch.randint(-s, s + 1, (2, b), device=dev, generator=generator)
+    shifts = _of_part(torch.randint(-s, s + 1, (2, part[0] if part else b), device=dev,
+                                    generator=generator).T, part).T  # (2, B): dy, dx
     padded = F.pad(x, (s, s, s, s), mode=padding).reshape(b, c * hp * wp)
     window = (torch.arange(c, device=dev)[:, None, None] * (hp * wp)
               + torch.arange(h, device=dev)[None, :, None] * wp
@@ -59,7 +71,8 @@ def shift(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = N
     return padded.gather(1, window + offset[:, None]).view(b, c, h, w)
 
 
-def distort(x: torch.Tensor, alpha: float, sigma: float, generator: torch.Generator | None = None):
+def distort(x: torch.Tensor, alpha: float, sigma: float, generator: torch.Generator | None = None,
+            part: tuple[int, slice] | None = None):
     """Elastic distortion (Simard, Steinkraus & Platt 2003) of each image of x (B,C,H,W): every
     pixel moves along its own random displacement, uniform in [-1, 1] per axis, smoothed by a
     Gaussian of `sigma` pixels and scaled by `alpha` (their MNIST values: 34 and 4); bilinear,
@@ -74,7 +87,8 @@ def distort(x: torch.Tensor, alpha: float, sigma: float, generator: torch.Genera
         k = torch.exp(-(t[:, None] - t[None, :]) ** 2 / (2 * sigma * sigma))
         return k / torch.exp(-torch.arange(-n + 1, n, device=dev) ** 2 / (2 * sigma * sigma)).sum()
 
-    field = torch.rand((b, 2, h, w), device=dev, generator=generator).mul_(2).sub_(1)
+    field = _of_part(torch.rand((part[0] if part else b, 2, h, w), device=dev,
+                                generator=generator), part).mul_(2).sub_(1)
     with torch.autocast(dev.type, enabled=False):  # fp32 fields under bf16 training too
         field = smoothing(h) @ field @ smoothing(w) * alpha  # two matmuls, not a conv2d: far faster
     ys = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1)

@@ -58,11 +58,11 @@ class DataParallel:
         return slice(lo, lo + base + (self.rank < extra))
 
     def batch_loss(self, idx: torch.Tensor) -> torch.Tensor:
-        """The mean loss of this rank's share of the global batch at `idx`, augmented as the
-        whole batch is (the same draws one process would make)."""
-        xb = augment(as_float(self.x[idx]), self.cfg, self.batches)
+        """The mean loss of this rank's share of the global batch at `idx`, augmented alone but as
+        in the whole batch (the draws one process would make)."""
         mine = self.share(len(idx))
-        return self.loss_on(xb[mine], idx[mine])
+        xb = augment(as_float(self.x[idx[mine]]), self.cfg, self.batches, (len(idx), mine))
+        return self.loss_on(xb, idx[mine])
 
     def backward(self, loss: torch.Tensor, idx: torch.Tensor) -> None:
         """Gradients weighed by the share's size: DDP's average is then the batch's mean (a

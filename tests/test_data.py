@@ -118,6 +118,25 @@ def test_augment_runs_train_augment_steps_in_order_from_one_generator():
     assert augment(x, TrainConfig(), torch.Generator()) is x
 
 
+def test_a_part_of_a_batch_is_augmented_as_in_the_whole_batch():
+    """A data-parallel rank augments only its share: the same images as the whole batch gives
+    those rows, and its generator ends where one process's would."""
+    from ensemble.augment import augment
+    from ensemble.config import TrainConfig
+
+    x = torch.rand(11, 3, 9, 9)
+    for steps in (("flip",), ("translate:2",), ("crop:2",), ("elastic:10:2",),
+                  ("flip", "crop:1", "elastic:8:3")):
+        cfg = TrainConfig(augment=steps)
+        whole_g, part_g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        whole = augment(x, cfg, whole_g)
+        rows = slice(4, 9)
+        part = augment(x[rows], cfg, part_g, (len(x), rows))
+        torch.testing.assert_close(part, whole[rows], rtol=0, atol=1e-6)
+        assert torch.equal(part_g.get_state(), whole_g.get_state())
+        assert not torch.equal(part, x[rows])  # each step changed something
+
+
 def test_distort_is_a_gaussian_smoothed_random_warp():
     x = torch.rand(5, 1, 12, 10)
     out = distort(x, 8.0, 2.0, torch.Generator().manual_seed(4))
