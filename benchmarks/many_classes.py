@@ -458,14 +458,15 @@ def study_report(runs: dict[str, Path], data_dir: str) -> str:
     lines += ["", "(Earlier sittings of the study tried more recipes from the same generalist: "
               "RECIPES' comment in benchmarks/many_classes.py.)"]
     lines += ["", f"Chosen on validation: {recipe_text(spec)}.", "", "Specialists per k (eq. 5; "
-              f"{spec_keys(spec, skip=('k',))}):", "", "| k | subsets | val errors: generalist, "
-              "with specialists | test errors: generalist, with specialists | relative test "
-              "accuracy gain |", "|---:|---:|---:|---:|---:|"]
+              f"{spec_keys(spec, skip=('k',))}):", "", "| k | subsets | classes per subset | "
+              "val errors: generalist, with specialists | test errors: generalist, with "
+              "specialists | relative test accuracy gain |", "|---:|---:|---|---:|---:|---:|"]
     for n, e in ks.items():
         acc_g, acc_e = (1 - e["test"][w] / test_n for w in ("generalist_errors",
                                                               "ensemble_errors"))
-        subsets = len(_json(runs[n], "subsets.json")["subsets"])
-        lines.append(f"| {n[1:]} | {subsets} | {e['val']['generalist_errors']:,}, "
+        sizes = [len(m) for m in _json(runs[n], "subsets.json")["subsets"]]
+        lines.append(f"| {n[1:]} | {len(sizes)} | {min(sizes)} to {max(sizes)} (median "
+                     f"{statistics.median(sizes):g}) | {e['val']['generalist_errors']:,}, "
                      f"{e['val']['ensemble_errors']:,} | {e['test']['generalist_errors']:,}, "
                      f"{e['test']['ensemble_errors']:,} | {100 * (acc_e - acc_g) / acc_g:+.1f} % |")
     t3, reduction, gain = table3(ens, test_n)

@@ -82,6 +82,9 @@ def test_the_study_runs_every_stage_and_chooses_on_validation(ray_session, tmp_p
     ks = {k: study._json(runs[k], "ensemble.json")["val"]["ensemble_errors"]
           for k in ("k2", "k3")}
     assert f"Chosen on validation: k = {min(ks, key=ks.get)[1:]}." in report
+    for name in ks:  # each k's subsets: how many, and how many classes each holds
+        sizes = sorted(len(m) for m in study._json(runs[name], "subsets.json")["subsets"])
+        assert f"| {name[1:]} | {len(sizes)} | {sizes[0]} to {sizes[-1]} (median " in report
     k = runs[min(ks, key=ks.get)]
     for later in ("temperature", "students"):  # the chosen k's specialists, taken over
         assert f"from_run: {k}" in (folder / f"{later}.yaml").read_text()
