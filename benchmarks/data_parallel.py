@@ -13,14 +13,15 @@ On CPU: 2 workers x 1 thread (gloo all-reduce) against 1 worker x 1 thread
 (`data_parallel_2x1_vs_1x1`, target >= 1.5), against 1 worker x 2 threads
 (`data_parallel_2x1_vs_1x2`, reported) and against two separate 1 x 1 models trained side by
 side, their rates summed (`data_parallel_2x1_vs_two_apart`: the same work without the
-all-reduce, so the share of this machine's two-process ceiling the workers reach). Beside them,
-the same three settings bare, with neither Ray nor this project: the fixed reference loop
-(../shared/bench/plain_loop.py, imported) on the reference 2x1200 MLP, one process at batch 512,
-two processes at 256 each with the model wrapped in DistributedDataParallel (gloo), and two
-separate processes at 512 (`bare_ddp_2x1_vs_1x1`: what gloo's all-reduce leaves on this
-machine before anything of ours runs). With --gpus:
-N workers x 1 GPU (NCCL) against one GPU, scaling efficiency = ratio / N (target >= 0.85 up
-to 8).
+all-reduce, so the share of this machine's two-process ceiling the workers reach). Then the
+first and third without Ray: the same model, data and trainer (ensemble.train, ensemble.parallel
+in a gloo group) in spawned processes (`without_ray_2x1_vs_1x1`: what the Ray layer costs the
+workers). Beside them, the same three settings bare, with neither Ray nor this project: the
+fixed reference loop (../shared/bench/plain_loop.py, imported) on the reference 2x1200 MLP, one
+process at batch 512, two processes at 256 each with the model wrapped in
+DistributedDataParallel (gloo), and two separate processes at 512 (`bare_ddp_2x1_vs_1x1`: what
+gloo's all-reduce leaves on this machine before anything of ours runs). With --gpus: N workers
+x 1 GPU (NCCL) against one GPU, scaling efficiency = ratio / N (target >= 0.85 up to 8).
 `name: value` lines end the results file.
 """
 from __future__ import annotations
@@ -110,14 +111,43 @@ def _bare_rank(rank: int, world: int, batch: int, samples: int, store: str, out)
         dist.destroy_process_group()
 
 
-def bare(world: int, batch: int, group: bool, work: Path, samples: int = 40_000) -> float:
-    """Examples per second of `world` bare processes: one model in a group (its rate: the
-    slowest rank's times the world), or separate models (their rates summed)."""
+def _core_rank(rank: int, world: int, data_dir: str, epochs: int, train_size: int, store: str,
+               out) -> None:
+    """One process of the settings without Ray: this project's trainer of the runs' model and
+    data (ensemble.parallel's rank in a gloo group if `store`, else ensemble.train's)."""
+    import torch.distributed as dist
+
+    from ensemble.config import RunConfig, parse, read_yaml
+    from ensemble.data import load_splits
+    from ensemble.parallel import ParallelTrainer
+    from ensemble.train import Trainer
+
+    cfg = parse(RunConfig, read_yaml(CONFIG.format(tag="core", epochs=epochs, workers=world,
+                                                   cpus=1, gpus=0, train_size=train_size,
+                                                   count=1)))
+    splits = load_splits(cfg.data, data_dir)
+    model, train, seed = cfg.generalists.model, cfg.generalists.train, cfg.seed  # generalist-0
+    if store:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                world_size=world)
+        trainer = ParallelTrainer("g", model, train, splits, seed, threads=1, device="cpu")
+        trainer.join(rank, world)
+    else:
+        trainer = Trainer("g", model, train, splits, seed, threads=1, device="cpu")
+    rates = [trainer.train_epoch()["samples_per_s"] for _ in range(epochs)]
+    out.put(statistics.median(rates[1:]))  # the model's rate (a rank's record counts all ranks)
+    if store:
+        dist.destroy_process_group()
+
+
+def spawned(target, world: int, args: tuple, group: bool, work: Path) -> list[float]:
+    """The rates that `world` processes of target(rank, world, *args, store, out) report: in
+    one gloo group if `group` (a file store in `work`), else each alone."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     out, store = ctx.Queue(), str(work / f"store-{os.urandom(4).hex()}") if group else ""
-    procs = [ctx.Process(target=_bare_rank, args=(r, world, batch, samples, store, out))
+    procs = [ctx.Process(target=target, args=(r, world, *args, store, out))
              for r in range(world)]
     for proc in procs:
         proc.start()
@@ -135,6 +165,13 @@ def bare(world: int, batch: int, group: bool, work: Path, samples: int = 40_000)
                                  "rank had reported its rate") from None
     for proc in procs:
         proc.join()
+    return rates
+
+
+def bare(world: int, batch: int, group: bool, work: Path, samples: int = 40_000) -> float:
+    """Examples per second of `world` bare processes: one model in a group (its rate: the
+    slowest rank's times the world), or separate models (their rates summed)."""
+    rates = spawned(_bare_rank, world, (batch, samples), group, work)
     return min(rates) * world if group else sum(rates)
 
 
@@ -151,6 +188,22 @@ def bare_table(args, work: Path) -> tuple[list[str], list[str]]:
             f"{apart / one:.2f} |"]
     return rows, [f"bare_ddp_2x1_vs_1x1: {two / one:.2f}",
                   f"bare_ddp_2x1_vs_two_apart: {two / apart:.2f}"]
+
+
+def core_table(args, work: Path) -> tuple[list[str], list[str]]:
+    """The runs' model, data and trainer in spawned processes, without Ray: what the Ray layer
+    (Ray Train, Ray's own processes on the same cores) costs the workers."""
+    settings = {"1x1": 1, "2x1": 2}
+    rates = {tag: [] for tag in settings}
+    for _ in range(args.rounds):
+        for tag, world in settings.items():
+            rates[tag].append(min(spawned(_core_rank, world, (args.data_dir, args.epochs,
+                                                          args.train_size), world > 1, work)))
+    one, two = (statistics.median(rates[t]) for t in settings)
+    rows = [f"| without Ray: 1 process x 1 thread (ensemble.train) | {one:,.0f} | 1.00 |",
+            f"| without Ray: 2 gloo processes x 1 thread (ensemble.parallel) | {two:,.0f} | "
+            f"{two / one:.2f} |"]
+    return rows, [f"without_ray_2x1_vs_1x1: {two / one:.2f}"]
 
 
 def gpu_table(args, work: Path) -> tuple[list[str], list[str]]:
@@ -176,10 +229,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ensemble-dp-") as work:
         rows, lines = (gpu_table if args.gpus else cpu_table)(args, Path(work))
         if not args.gpus:
-            bare_rows, bare_lines = bare_table(args, Path(work))
-            rows, lines = rows + bare_rows, lines + bare_lines
+            for table in (core_table, bare_table):
+                more_rows, more_lines = table(args, Path(work))
+                rows, lines = rows + more_rows, lines + more_lines
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
+    if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                      capture_output=True, text=True).stdout.strip():
+        commit += " with uncommitted changes"
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
     cpu = "AVX-512 BF16" if "avx512_bf16" in flags else "no AVX-512 BF16"
     text = ["# One model over several workers", "",
@@ -190,7 +247,9 @@ def main() -> None:
             f"global batch 512, {args.epochs} epochs per run; throughput is the median over the "
             "epochs after the first, as the model's checkpoint records it"
             + ("" if args.gpus else f", then the median of {args.rounds} runs per setting "
-               "(the settings taking turns). The bare rows: the reference loop on random "
+               "(the settings taking turns). The without-Ray rows: the same model, data and "
+               "trainer in spawned processes, measured alike. The bare rows: the reference "
+               "loop on random "
                "tensors, 40,000 examples per process, the median of as many runs") + ".", "",
             "| setting | training examples/s | vs the first |", "|---|---:|---:|",
             *rows, "", *lines]
