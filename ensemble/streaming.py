@@ -78,7 +78,7 @@ class Streamed:
                 raise DataError(f"{self.name}: the streamed images are not of shape "
                                 f"{self.image_shape} (uint8)")
             x = torch.from_numpy(pixels.reshape(shape))
-            y = torch.as_tensor(batch["label"], dtype=torch.int64)
+            y = torch.tensor(batch["label"], dtype=torch.int64)  # a copy: Ray's is read-only
             if cuda:
                 x, y = x.pin_memory(), y.pin_memory()
             yield (as_float(x.to(self.device, non_blocking=cuda)),
