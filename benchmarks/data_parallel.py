@@ -207,13 +207,35 @@ def core_table(args, work: Path) -> tuple[list[str], list[str]]:
 
 
 def gpu_table(args, work: Path) -> tuple[list[str], list[str]]:
-    counts = [int(n) for n in args.gpus.split(",")]
-    rates = {n: throughput(f"{n}gpu", n, 1, 1, args.epochs, args, work) for n in counts}
-    base = rates[counts[0]] / counts[0]
-    rows = [f"| {n} worker(s) x 1 GPU (NCCL) | {rate:,.0f} | {rate / base:.2f} |"
-            for n, rate in rates.items()]
+    """N workers x 1 GPU for each N of --gpus; a setting whose run fails (more GPUs than the
+    cluster has: refused before it trains) gets a row saying so, and the others go on."""
+    rates: dict[int, float] = {}
+    for n in args.gpus:
+        try:
+            rates[n] = throughput(f"{n}gpu", n, 1, 1, args.epochs, args, work)
+        except subprocess.CalledProcessError:
+            print(f"{n}gpu: the run failed (its sentence is above); the others go on", flush=True)
+    if args.gpus[0] not in rates:
+        raise SystemExit(f"the first setting ({args.gpus[0]} worker(s) x 1 GPU) failed: nothing to "
+                         "compare the others against")
+    base = rates[args.gpus[0]] / args.gpus[0]
+    rows = [f"| {n} worker(s) x 1 GPU (NCCL) | {rates[n]:,.0f} | {rates[n] / base:.2f} |"
+            if n in rates else f"| {n} worker(s) x 1 GPU (NCCL) | the run failed | |"
+            for n in args.gpus]
     lines = [f"data_parallel_scaling_{n}gpu: {rate / base / n:.2f}" for n, rate in rates.items()]
     return rows, lines
+
+
+def gpu_counts(text: str) -> list[int]:
+    """--gpus: GPU workers per setting, comma-separated, each at least 1."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of GPU counts "
+                                         "of at least 1, such as 1,2,4,8")
+    return counts
 
 
 def main() -> None:
@@ -222,7 +244,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3, help="CPU: runs of each setting")
     parser.add_argument("--train-size", type=int, default=0, help="0: all 50,000 (a try: fewer)")
-    parser.add_argument("--gpus", default="", help="e.g. 1,2,4,8: GPU workers per setting")
+    parser.add_argument("--gpus", type=gpu_counts, default=[],
+                        help="e.g. 1,2,4,8: GPU workers per setting")
     parser.add_argument("--address", default="", help="a Ray cluster (else a local Ray each)")
     parser.add_argument("--out", default=str(ROOT / "results" / "data_parallel.md"))
     args = parser.parse_args()
@@ -239,9 +262,10 @@ def main() -> None:
         commit += " with uncommitted changes"
     flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
     cpu = "AVX-512 BF16" if "avx512_bf16" in flags else "no AVX-512 BF16"
+    asked = f" --gpus {','.join(map(str, args.gpus))}" if args.gpus else ""
     text = ["# One model over several workers", "",
-            f"`python benchmarks/data_parallel.py{' --gpus ' + args.gpus if args.gpus else ''}`; "
-            f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores ({cpu}), "
+            f"`python benchmarks/data_parallel.py{asked}`; "
+            f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores ({cpu}), "
             f"git commit {commit}. The paper's 2x1200 teacher, MNIST's "
             f"{args.train_size or 50_000:,} training images, "
             f"global batch 512, {args.epochs} epochs per run; throughput is the median over the "
