@@ -152,7 +152,7 @@ def spawned(target, world: int, args: tuple, group: bool, work: Path) -> list[fl
     for proc in procs:
         proc.start()
     rates = []
-    while len(rates) < world:  # a rank that dies would leave a bare get() waiting forever
+    while len(rates) < world:  # a process that dies would leave a bare get() waiting forever
         try:
             rates.append(out.get(timeout=5))
         except queue.Empty:
@@ -161,8 +161,8 @@ def spawned(target, world: int, args: tuple, group: bool, work: Path) -> list[fl
                 for proc in procs:
                     proc.kill()
                     proc.join()
-                raise SystemExit(f"a bare process exited with code {dead[0]} before every "
-                                 "rank had reported its rate") from None
+                raise SystemExit(f"a spawned process exited with code {dead[0]} before every "
+                                 "one had reported its rate") from None
     for proc in procs:
         proc.join()
     return rates
@@ -197,6 +197,7 @@ def core_table(args, work: Path) -> tuple[list[str], list[str]]:
     rates = {tag: [] for tag in settings}
     for _ in range(args.rounds):
         for tag, world in settings.items():
+            # each rank's record counts every rank's examples: the model's rate is the slower's
             rates[tag].append(min(spawned(_core_rank, world, (args.data_dir, args.epochs,
                                                           args.train_size), world > 1, work)))
     one, two = (statistics.median(rates[t]) for t in settings)
@@ -214,10 +215,10 @@ def gpu_table(args, work: Path) -> tuple[list[str], list[str]]:
         try:
             rates[n] = throughput(f"{n}gpu", n, 1, 1, args.epochs, args, work)
         except subprocess.CalledProcessError:
+            if not rates:
+                raise SystemExit(f"the first setting ({n} worker(s) x 1 GPU) failed: nothing "
+                                 "to compare the others against") from None
             print(f"{n}gpu: the run failed (its sentence is above); the others go on", flush=True)
-    if args.gpus[0] not in rates:
-        raise SystemExit(f"the first setting ({args.gpus[0]} worker(s) x 1 GPU) failed: nothing to "
-                         "compare the others against")
     base = rates[args.gpus[0]] / args.gpus[0]
     rows = [f"| {n} worker(s) x 1 GPU (NCCL) | {rates[n]:,.0f} | {rates[n] / base:.2f} |"
             if n in rates else f"| {n} worker(s) x 1 GPU (NCCL) | the run failed | |"
@@ -241,7 +242,8 @@ def gpu_counts(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="per run, at least 2 (the "
+                        "first is left out of the rates)")
     parser.add_argument("--rounds", type=int, default=3, help="CPU: runs of each setting")
     parser.add_argument("--train-size", type=int, default=0, help="0: all 50,000 (a try: fewer)")
     parser.add_argument("--gpus", type=gpu_counts, default=[],
@@ -249,6 +251,9 @@ def main() -> None:
     parser.add_argument("--address", default="", help="a Ray cluster (else a local Ray each)")
     parser.add_argument("--out", default=str(ROOT / "results" / "data_parallel.md"))
     args = parser.parse_args()
+    if args.epochs < 2 or args.rounds < 1:
+        parser.error("--epochs must be at least 2 (the first is left out of the rates) and "
+                     "--rounds at least 1")
     with tempfile.TemporaryDirectory(prefix="ensemble-dp-") as work:
         rows, lines = (gpu_table if args.gpus else cpu_table)(args, Path(work))
         if not args.gpus:
@@ -273,8 +278,8 @@ def main() -> None:
             + ("" if args.gpus else f", then the median of {args.rounds} runs per setting "
                "(the settings taking turns). The without-Ray rows: the same model, data and "
                "trainer in spawned processes, measured alike. The bare rows: the reference "
-               "loop on random "
-               "tensors, 40,000 examples per process, the median of as many runs") + ".", "",
+               "loop on random tensors, 40,000 examples per process, the median of as many "
+               "runs") + ".", "",
             "| setting | training examples/s | vs the first |", "|---|---:|---:|",
             *rows, "", *lines]
     Path(args.out).write_text("\n".join(text) + "\n")

@@ -1,6 +1,7 @@
-"""Augmentation: `train.augment`'s steps, in their order, on a whole batch at once on the batch's
-device, every random draw from the trainer's own generator (so a checkpoint's generator state
-resumes the same augmented batches bit for bit).
+"""Augmentation: `train.augment`'s steps, in their order, on a whole batch at once (or a
+data-parallel rank's share of one, as the whole batch would have it) on the batch's device, every
+random draw from the trainer's own generator (so a checkpoint's generator state resumes the same
+augmented batches bit for bit).
 
     flip                  each image mirrored left-right with probability 1/2
     translate:P           shifted by up to P pixels each way, zeros filling in (§3's teacher: 2)
@@ -26,6 +27,9 @@ def augment(x: torch.Tensor, cfg, generator: torch.Generator | None = None,
     `part=(n, rows)`: x holds only `rows` of a batch of n images, and gets exactly what they would
     get in the whole batch (a data-parallel rank augments its share alone): every step draws for
     all n, so the generator moves on as for the whole batch, and uses the draws of `rows`."""
+    if part is not None and len(range(part[0])[part[1]]) != len(x):
+        raise ValueError(f"augment: rows {part[1]} of a batch of {part[0]} hold "
+                         f"{len(range(part[0])[part[1]])} images, not x's {len(x)}")
     for name, args in augment_steps(cfg.augment):
         if name == "flip":
             x = flip(x, generator, part)

@@ -1,14 +1,15 @@
 """Data parallelism: one model trained by `world` processes at once (`resources.workers`).
 
 Every rank holds the whole training set and draws the same epoch permutation and the same
-augmentation of each global batch of `train.batch_size` examples, from generators seeded alike;
-rank r then trains on its share, the r-th of `world` near-equal parts. DistributedDataParallel
-averages the gradients over the ranks, and each rank weighs its loss by its share's size, so the
-step is the global batch's mean gradient, as one process would take it: the learning rate keeps
-its meaning, and without dropout the weights follow a one-process run up to the rounding of the
-all-reduce. Dropout masks are each rank's own, drawn from a seed of (model, epoch, rank), so a
-group restarted from a checkpoint trains on exactly as before. Every rank evaluates (the
-weights are the same); rank 0's records and checkpoints are the model's.
+augmentation draws for each global batch of `train.batch_size` examples, from generators seeded
+alike; rank r then augments and trains on its share alone, the r-th of `world` near-equal parts.
+DistributedDataParallel averages the gradients over the ranks, and each rank weighs its loss by
+its share's size, so the step is the global batch's mean gradient, as one process would take
+it: the learning rate keeps its meaning, and without dropout the weights follow a one-process
+run up to the rounding of the all-reduce. Dropout masks are each rank's own, drawn from a seed
+of (model, epoch, rank), so a group restarted from a checkpoint trains on exactly as before.
+Every rank evaluates (the weights are the same); rank 0's records and checkpoints are the
+model's.
 
 Pure PyTorch (`torch.distributed`, gloo on CPU, NCCL on CUDA): whoever starts the processes
 (Ray Train, ensemble.workers) sets up the process group first.

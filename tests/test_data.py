@@ -135,6 +135,8 @@ def test_a_part_of_a_batch_is_augmented_as_in_the_whole_batch():
         torch.testing.assert_close(part, whole[rows], rtol=0, atol=1e-6)
         assert torch.equal(part_g.get_state(), whole_g.get_state())
         assert not torch.equal(part, x[rows])  # each step changed something
+    with pytest.raises(ValueError, match="hold 5 images, not x's 3"):  # rows and x disagree
+        augment(x[:3], cfg, torch.Generator(), (len(x), slice(4, 9)))
 
 
 def test_distort_is_a_gaussian_smoothed_random_warp():
