@@ -27,9 +27,10 @@ def augment(x: torch.Tensor, cfg, generator: torch.Generator | None = None,
     `part=(n, rows)`: x holds only `rows` of a batch of n images, and gets exactly what they would
     get in the whole batch (a data-parallel rank augments its share alone): every step draws for
     all n, so the generator moves on as for the whole batch, and uses the draws of `rows`."""
-    if part is not None and len(range(part[0])[part[1]]) != len(x):
-        raise ValueError(f"augment: rows {part[1]} of a batch of {part[0]} hold "
-                         f"{len(range(part[0])[part[1]])} images, not x's {len(x)}")
+    held = len(x) if part is None else len(range(part[0])[part[1]])
+    if held != len(x):
+        raise ValueError(f"augment: rows {part[1]} of a batch of {part[0]} hold {held} images, "
+                         f"not x's {len(x)}")
     for name, args in augment_steps(cfg.augment):
         if name == "flip":
             x = flip(x, generator, part)
